@@ -1,0 +1,131 @@
+"""The `streamllm` command: `serve` the gateway, run the `sim`ulated backend."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import uvicorn
+import yaml
+
+from streamllm.config import SimSettings, load_settings
+from streamllm.errors import ConfigError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="STREAM: one OpenAI-compatible endpoint over local, HPC and cloud LLM tiers.",
+)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML configuration file (else $STREAMLLM_CONFIG)."),
+]
+
+
+def _setup_logging(level: str) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Start the gateway: the OpenAI-compatible API at /v1."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as e:
+        typer.echo(f"streamllm: {e}", err=True)
+        raise typer.Exit(2) from None
+    server = settings.server.model_copy(
+        update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    )
+    settings = settings.model_copy(update={"server": server})
+    if not _is_loopback(server.host):
+        # API keys arrive with the multi-user issue; until then STREAM has no authentication,
+        # so it must not be reachable from other machines.
+        typer.echo(
+            f"streamllm: refusing to bind {server.host}: this version has no API keys, so it "
+            "serves only on loopback (127.0.0.1 or ::1).",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _setup_logging(server.log_level)
+    from streamllm.gateway import create_app
+
+    logging.getLogger("streamllm").info(
+        "STREAM listening on http://%s:%d (API at /v1)", server.host, server.port
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command()
+def sim(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML with the simulator's models.")
+    ] = None,
+    model: Annotated[
+        Optional[list[str]], typer.Option(help="Serve this model name (repeatable).")
+    ] = None,
+    ttft_ms: Annotated[float, typer.Option(help="Time to first token, ms.")] = 0.0,
+    tokens_per_s: Annotated[float, typer.Option(help="Token rate (0 = unlimited).")] = 0.0,
+    answer_tokens: Annotated[int, typer.Option(help="Answer length in tokens.")] = 32,
+    context_window: Annotated[int, typer.Option(help="Context window in tokens.")] = 8192,
+) -> None:
+    """Run the simulated OpenAI-compatible backend (tests, demo, benchmarks)."""
+    from streamllm.sim.app import Simulator
+
+    if config:
+        try:
+            settings = SimSettings.model_validate(yaml.safe_load(config.read_text()) or {})
+        except Exception as e:  # config errors are reported, not raised
+            typer.echo(f"streamllm sim: invalid {config}: {e}", err=True)
+            raise typer.Exit(2) from None
+    else:
+        spec = {
+            "ttft_ms": ttft_ms,
+            "tokens_per_s": tokens_per_s,
+            "answer_tokens": answer_tokens,
+            "context_window": context_window,
+        }
+        settings = SimSettings.model_validate(
+            {"models": {name: spec for name in (model or ["sim-model"])}}
+        )
+    _setup_logging("info")
+    logging.getLogger("streamllm.sim").info(
+        "simulator on http://%s:%d/v1 serving %s", host, port, ", ".join(settings.models)
+    )
+    uvicorn.run(Simulator(settings).app, host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    app()

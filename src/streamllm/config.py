@@ -1,0 +1,207 @@
+"""Settings: one YAML file plus `STREAMLLM_*` environment overrides, validated in one place.
+
+`docs/configuration.md` documents every field below; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from streamllm.errors import ConfigError
+
+TierName = Literal["local", "hpc", "cloud"]
+Complexity = Literal["LOW", "MEDIUM", "HIGH"]
+TIERS: tuple[TierName, ...] = ("local", "hpc", "cloud")
+COMPLEXITIES: tuple[Complexity, ...] = ("LOW", "MEDIUM", "HIGH")
+
+Seconds = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    # A misspelt key in a config file should fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Timeouts(_Strict):
+    connect: Seconds = 5.0
+    first_token: Seconds = 120.0
+    between_tokens: Seconds = 60.0
+    total: Seconds = 900.0
+
+
+class SimModelSettings(_Strict):
+    """One simulated model: its window, speed, answer length and injected faults."""
+
+    context_window: Annotated[int, Field(ge=16)] = 8192
+    ttft_ms: Annotated[float, Field(ge=0)] = 0.0
+    tokens_per_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = as fast as possible
+    answer_tokens: Annotated[int, Field(ge=1)] = 32
+    error_rate: Probability = 0.0  # share of requests answered 500
+    rate_limit_rate: Probability = 0.0  # share of requests answered 429
+    disconnect_after: Annotated[int, Field(ge=0)] | None = None  # drop the stream after N tokens
+    stall_after: Annotated[int, Field(ge=0)] | None = None  # stop sending after N tokens...
+    stall_s: Annotated[float, Field(ge=0)] = 3600.0  # ...for this long
+    honours_max_completion_tokens: bool = True  # False behaves like Ollama
+
+
+class SimSettings(_Strict):
+    models: dict[str, SimModelSettings] = Field(
+        default_factory=lambda: {"sim-model": SimModelSettings()}
+    )
+    seed: int = 0  # fault draws are reproducible for a given seed
+
+
+BackendKind = Literal["openai", "vllm", "ollama", "llamacpp", "simulator"]
+
+
+class TierSettings(_Strict):
+    """How one tier is reached. `kind: simulator` (or no `base_url`) means the embedded simulator."""
+
+    enabled: bool = True  # false removes the tier entirely (no simulator stands in)
+    kind: BackendKind = "simulator"
+    base_url: str | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    models: list[str] = Field(default_factory=list)  # first one is the tier's default
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    drop_params: list[str] = Field(default_factory=list)  # request fields this backend rejects
+    max_connections: Annotated[int, Field(ge=1)] = 256
+    simulator: SimModelSettings | None = None  # per-tier simulator behaviour when simulated
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> "TierSettings":
+        if self.kind != "simulator" and not self.base_url:
+            raise ValueError(f"kind '{self.kind}' needs a base_url")
+        return self
+
+    @property
+    def simulated(self) -> bool:
+        return self.kind == "simulator"
+
+    @property
+    def default_model(self) -> str | None:
+        return self.models[0] if self.models else None
+
+
+class RoutingSettings(_Strict):
+    allow_cloud: bool = True
+    tier_for: dict[Complexity, TierName] = Field(
+        default_factory=lambda: {"LOW": "local", "MEDIUM": "hpc", "HIGH": "cloud"}
+    )
+    fallback: dict[Complexity, list[TierName]] = Field(
+        default_factory=lambda: {
+            "LOW": ["local", "hpc", "cloud"],
+            "MEDIUM": ["hpc", "cloud", "local"],
+            "HIGH": ["cloud", "hpc", "local"],
+        }
+    )
+    fallback_on_explicit: bool = False  # an explicit tier is honoured strictly by default
+    health_interval_s: Seconds = 15.0
+    unhealthy_for_s: Seconds = 10.0  # a tier that just failed is tried last for this long
+
+    @model_validator(mode="after")
+    def _chains_start_with_their_tier(self) -> "RoutingSettings":
+        for level in COMPLEXITIES:
+            chain = self.fallback.setdefault(level, [self.tier_for.get(level, "local")])
+            if len(set(chain)) != len(chain):
+                raise ValueError(f"fallback.{level} names a tier twice: {chain}")
+        return self
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    log_prompts: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    detect_ollama: bool = True  # with no local tier configured, use Ollama if it answers
+
+
+class Settings(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tiers: dict[TierName, TierSettings] = Field(default_factory=dict)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    aliases: dict[str, str] = Field(default_factory=dict)  # name -> tier or tier/model
+
+    def tier(self, name: str) -> TierSettings | None:
+        return self.tiers.get(name)  # type: ignore[call-overload]
+
+
+ENV_PREFIX = "STREAMLLM_"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """`STREAMLLM_ROUTING__ALLOW_CLOUD=false` -> {"routing": {"allow_cloud": False}}.
+
+    Values are parsed as YAML scalars/flow collections so lists and booleans can be given.
+    """
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another STREAMLLM_ variable")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Read the YAML file (argument, else `STREAMLLM_CONFIG`, else none) and apply env overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        p = Path(path)
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {p}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"configuration file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {p} must hold a mapping at the top level")
+        data = loaded
+    overrides = _env_overrides(environ)
+    if overrides:
+        source += " + STREAMLLM_* environment"
+    try:
+        return Settings.model_validate(_merge(data, overrides))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None

@@ -1,0 +1,88 @@
+"""Typed errors every layer raises; the gateway maps them to HTTP in one place.
+
+Each carries the OpenAI error `type` and `code` it should surface as, and its HTTP status.
+"""
+
+from __future__ import annotations
+
+
+class StreamError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(StreamError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class CloudNotAllowed(InvalidRequest):
+    status = 403
+    type = "permission_error"
+    code = "cloud_not_allowed"
+
+
+class ModelNotFound(StreamError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(StreamError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class BackendFailed(StreamError):
+    """A tier's backend failed (refused, timed out, answered 5xx, broke mid-stream)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "backend_error"
+
+    def __init__(self, message: str, *, tier: str = "", retryable: bool = True, **kw):
+        super().__init__(message, **kw)
+        self.tier = tier
+        self.retryable = retryable
+
+
+class BackendRateLimited(BackendFailed):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BackendRejected(StreamError):
+    """The backend said the request itself is bad (4xx): trying another tier will not help."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class TierUnavailable(StreamError):
+    """No candidate tier could serve the request; `attempts` says what each one answered."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "tier_unavailable"
+
+    def __init__(self, message: str, *, attempts: list[str] | None = None, **kw):
+        super().__init__(message, **kw)
+        self.attempts = attempts or []
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is invalid; the message says where and why."""

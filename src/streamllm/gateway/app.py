@@ -1,0 +1,113 @@
+"""`create_app(settings)`: the gateway as a FastAPI app, with no global state.
+
+Routes: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health, GET /health/ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse
+
+from streamllm import __version__
+from streamllm.config import TIERS, Settings
+from streamllm.errors import ModelNotFound
+from streamllm.gateway import errors
+from streamllm.gateway.chat import ChatHandler
+from streamllm.gateway.middleware import RequestContext
+from streamllm.gateway.runtime import Runtime
+from streamllm.protocol.models import ModelCard, ModelList
+
+
+def _model_cards(runtime: Runtime) -> list[ModelCard]:
+    def owner(tier: str) -> str:
+        return "simulator" if runtime.simulated(tier) else runtime.tiers[tier].kind
+
+    def state(tier: str) -> str:
+        return runtime.health[tier].state
+
+    cards = [
+        ModelCard(
+            id="auto", owned_by="streamllm", tier="auto",
+            description="STREAM picks the tier by judging each request",
+        )
+    ]
+    for tier in TIERS:
+        if tier in runtime.tiers:
+            default = runtime.catalogue[tier][0] if runtime.catalogue[tier] else None
+            cards.append(
+                ModelCard(id=tier, owned_by=owner(tier), tier=tier, state=state(tier),
+                          default_model=default)
+            )
+    for tier in TIERS:
+        for model in runtime.catalogue.get(tier, ()):
+            cards.append(
+                ModelCard(id=f"{tier}/{model}", owned_by=owner(tier), tier=tier,
+                          state=state(tier))
+            )
+    for alias, target in runtime.settings.aliases.items():
+        cards.append(ModelCard(id=alias, owned_by="streamllm", tier="alias", alias_of=target))
+    return cards
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="STREAM", version=__version__, lifespan=lifespan,
+        docs_url="/docs", redoc_url=None,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    app.add_middleware(RequestContext)
+    chat = ChatHandler(runtime)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request):
+        return await chat(request)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(ModelList(data=_model_cards(runtime)).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        for card in _model_cards(runtime):
+            if card.id == model_id:
+                return JSONResponse(card.model_dump())
+        raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        tiers = {
+            tier: {
+                **runtime.health[tier].as_dict(),
+                "backend": runtime.backends[tier].name,
+                "simulated": runtime.simulated(tier),
+                "models": runtime.catalogue[tier],
+                "routable": runtime.healthy(tier),
+            }
+            for tier in runtime.tiers
+        }
+        up = [t for t, h in tiers.items() if h["state"] == "up"]
+        status = "ready" if len(up) == len(tiers) else "degraded" if up else "unavailable"
+        return JSONResponse(
+            {"status": status, "tiers": tiers}, status_code=200 if up else 503
+        )
+
+    return app

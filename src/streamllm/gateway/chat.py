@@ -1,0 +1,251 @@
+"""`POST /v1/chat/completions`: parse, route, dispatch with fallback, stream back.
+
+Fallback is allowed only until the first user-visible chunk: chunks are held back until a
+backend has produced output, so a backend that fails before that is replaced invisibly. After
+that, a failure ends the stream with an OpenAI-style error event; no text is ever repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from streamllm.errors import (
+    BackendFailed,
+    BackendRateLimited,
+    ContextTooLong,
+    InvalidRequest,
+    PayloadTooLarge,
+    StreamError,
+    TierUnavailable,
+)
+from streamllm.gateway.errors import envelope
+from streamllm.gateway.runtime import Runtime
+from streamllm.protocol.chat import ChatCompletionRequest
+from streamllm.protocol.sse import DONE, encode
+from streamllm.routing.policy import Candidate, Route
+from streamllm.tiers.adapt import backend_body
+from streamllm.tiers.openai_http import has_output
+
+log = logging.getLogger("streamllm.gateway")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than the {limit}-byte limit")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than the {limit}-byte limit")
+        chunks.append(part)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+def parse_request(body: Any) -> ChatCompletionRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = first["loc"]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        # Union members each add a path segment; keep the message readable.
+        msg = first["msg"]
+        if first["type"] == "missing":
+            msg = f"'{param}' is a required property"
+        raise InvalidRequest(f"Invalid value for '{param}': {msg}", param=param or None) from None
+
+
+def _client_allows_cloud(req: ChatCompletionRequest, request: Request) -> bool:
+    header = request.headers.get("x-stream-allow-cloud")
+    if header is not None and header.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return req.allow_cloud is not False
+
+
+class ChatHandler:
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.settings = runtime.settings
+
+    async def __call__(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        body = await read_json_body(request, self.settings.server.max_body_bytes)
+        req = parse_request(body)
+        if req.unknown_fields():
+            log.debug("passing on unknown request fields: %s", ", ".join(req.unknown_fields()))
+        assert self.runtime.policy is not None
+        route = self.runtime.policy.route(
+            req.model,
+            req.latest_user_text(),
+            allow_cloud=_client_allows_cloud(req, request),
+            healthy=self.runtime.healthy,
+        )
+        headers = request.state.stream_headers
+        headers["x-stream-complexity"] = route.complexity or "none"
+        request_id = request.state.request_id
+        overhead_ms = (time.perf_counter() - arrived) * 1000
+        headers["x-stream-overhead-ms"] = f"{overhead_ms:.3f}"
+        if req.wants_stream:
+            return await self._stream(request, req, body, route, headers, request_id)
+        return await self._complete(req, body, route, headers, request_id)
+
+    # -- shared fallback loop ------------------------------------------------------------------
+    def _give_up(self, route: Route, failures: list[StreamError]) -> StreamError:
+        if failures and all(isinstance(f, ContextTooLong) for f in failures):
+            return failures[-1]
+        if any(isinstance(f, ContextTooLong) for f in failures):
+            return ContextTooLong(
+                "the conversation is longer than the context window of every tier that was "
+                "still able to take it",
+                param="messages",
+            )
+        if failures and all(isinstance(f, BackendRateLimited) for f in failures):
+            return failures[-1]
+        tried = [f.message for f in failures]
+        return TierUnavailable(
+            "no tier could serve this request: " + "; ".join(tried), attempts=tried
+        )
+
+    def _note_failure(self, cand: Candidate, err: StreamError) -> None:
+        if isinstance(err, BackendFailed):
+            self.runtime.mark_failed(cand.tier, err.message)
+        log.warning("tier %s (%s) failed before output: %s", cand.tier, cand.model, err.message)
+
+    @staticmethod
+    def _label(headers: dict[str, str], cand: Candidate, failures: list[StreamError]) -> None:
+        headers["x-stream-tier"] = cand.tier
+        headers["x-stream-model"] = cand.model
+        if failures:
+            headers["x-stream-fallbacks"] = str(len(failures))
+
+    # -- non-streaming -------------------------------------------------------------------------
+    async def _complete(self, req, body, route: Route, headers, request_id) -> Response:
+        failures: list[StreamError] = []
+        for cand in route.candidates:
+            tier = self.runtime.tiers[cand.tier]
+            try:
+                result = await self.runtime.backends[cand.tier].complete(
+                    backend_body(body, cand.model, tier, stream=False)
+                )
+            except (BackendFailed, ContextTooLong) as e:
+                failures.append(e)
+                self._note_failure(cand, e)
+                continue
+            self.runtime.mark_ok(cand.tier)
+            self._label(headers, cand, failures)
+            result["id"] = f"chatcmpl-{request_id}"
+            return JSONResponse(result)
+        raise self._give_up(route, failures)
+
+    # -- streaming -----------------------------------------------------------------------------
+    async def _open(self, body, route: Route) -> tuple[Candidate, AsyncIterator, list, list]:
+        """Start candidates in order until one produces output; return it with held chunks."""
+        failures: list[StreamError] = []
+        for cand in route.candidates:
+            tier = self.runtime.tiers[cand.tier]
+            stream = self.runtime.backends[cand.tier].stream(
+                backend_body(body, cand.model, tier, stream=True)
+            )
+            held: list[dict[str, Any]] = []
+            try:
+                async for chunk in stream:
+                    held.append(chunk)
+                    if has_output(chunk):
+                        break
+            except (BackendFailed, ContextTooLong) as e:
+                await stream.aclose()
+                failures.append(e)
+                self._note_failure(cand, e)
+                continue
+            except BaseException:
+                await stream.aclose()
+                raise
+            self.runtime.mark_ok(cand.tier)
+            return cand, stream, held, failures
+        raise self._give_up(route, failures)
+
+    async def _stream(self, request, req, body, route: Route, headers, request_id) -> Response:
+        # Waiting for the first token can take long (a cold HPC tier); a client that leaves
+        # meanwhile must cancel the backend request now, not when the first token arrives.
+        opening = asyncio.ensure_future(self._open(body, route))
+        leaving = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait((opening, leaving), return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            log.info("request %s: client left before the first token", request_id)
+            return Response(status_code=499)
+        leaving.cancel()
+        cand, stream, held, failures = opening.result()
+        self._label(headers, cand, failures)
+        return StreamingResponse(
+            self._relay(req, cand, stream, held, request_id),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+
+    async def _relay(
+        self, req: ChatCompletionRequest, cand: Candidate, stream, held, request_id: str
+    ) -> AsyncIterator[bytes]:
+        chunk_id = f"chatcmpl-{request_id}"
+        include_usage = req.wants_usage_chunk
+        outcome = "completed"
+        try:
+            for chunk in held:
+                out = _for_client(chunk, chunk_id, include_usage)
+                if out is not None:
+                    yield out
+            async for chunk in stream:
+                out = _for_client(chunk, chunk_id, include_usage)
+                if out is not None:
+                    yield out
+            yield DONE
+        except BackendFailed as e:
+            outcome = "failed"
+            self.runtime.mark_failed(cand.tier, e.message)
+            log.warning("tier %s failed mid-stream: %s", cand.tier, e.message)
+            yield encode(envelope(e))
+        except BaseException:
+            outcome = "cancelled"
+            raise
+        finally:
+            await stream.aclose()
+            log.info(
+                "request %s tier=%s model=%s stream outcome=%s",
+                request_id, cand.tier, cand.model, outcome,
+            )
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _for_client(chunk: dict[str, Any], chunk_id: str, include_usage: bool) -> bytes | None:
+    """Rewrite a backend chunk for the client; None drops it (usage the client did not ask for)."""
+    if not include_usage:
+        if not chunk.get("choices") and chunk.get("usage") is not None:
+            return None
+        chunk.pop("usage", None)
+    chunk["id"] = chunk_id
+    return encode(chunk)

@@ -1,0 +1,198 @@
+"""What a running gateway holds: the tiers it resolved, their backends, health and the simulator.
+
+Built at startup from Settings: configured tiers are used as given; an unconfigured `local` is
+Ollama if it answers, an unconfigured `cloud` is OpenRouter if its key is set, and every other
+tier is served by the embedded simulator, which the log and /v1/models say plainly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from streamllm.config import TIERS, Settings, SimModelSettings, SimSettings, TierSettings
+from streamllm.routing import RoutingPolicy
+from streamllm.serving import ServerTask
+from streamllm.sim.app import Simulator
+from streamllm.tiers import OpenAIHTTPBackend
+
+log = logging.getLogger("streamllm.gateway")
+
+OLLAMA_URL = "http://127.0.0.1:11434/v1"
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+OPENROUTER_DEFAULT_MODEL = "openai/gpt-4o-mini"
+
+# How the simulator behaves when it stands in for a tier nobody configured: roughly the shape
+# of a small laptop model, a cluster-hosted mid-size model and a large cloud model.
+SIM_PROFILES: dict[str, SimModelSettings] = {
+    "local": SimModelSettings(context_window=8192, ttft_ms=60, tokens_per_s=60, answer_tokens=48),
+    "hpc": SimModelSettings(context_window=32768, ttft_ms=150, tokens_per_s=120, answer_tokens=96),
+    "cloud": SimModelSettings(
+        context_window=128000, ttft_ms=350, tokens_per_s=90, answer_tokens=128
+    ),
+}
+
+
+@dataclass
+class TierHealth:
+    state: str = "unknown"  # unknown | up | down
+    detail: str = ""
+    checked_at: float | None = None
+    failed_at: float | None = None  # last request failure seen by the router
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": self.state, "detail": self.detail}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    tiers: dict[str, TierSettings] = field(default_factory=dict)
+    backends: dict[str, OpenAIHTTPBackend] = field(default_factory=dict)
+    catalogue: dict[str, list[str]] = field(default_factory=dict)
+    health: dict[str, TierHealth] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # why each tier is what it is
+    simulator: Simulator | None = None
+    _sim_server: ServerTask | None = None
+    _monitor: asyncio.Task[None] | None = None
+    policy: RoutingPolicy | None = None
+
+    # -- health seen by the router -------------------------------------------------------------
+    def healthy(self, tier: str) -> bool:
+        h = self.health.get(tier)
+        if h is None:
+            return False
+        recent = h.failed_at is not None and (
+            time.monotonic() - h.failed_at < self.settings.routing.unhealthy_for_s
+        )
+        return h.state != "down" and not recent
+
+    def mark_failed(self, tier: str, detail: str) -> None:
+        h = self.health.setdefault(tier, TierHealth())
+        h.failed_at, h.detail = time.monotonic(), detail
+
+    def mark_ok(self, tier: str) -> None:
+        h = self.health.setdefault(tier, TierHealth())
+        h.failed_at = None
+        if h.state != "up":
+            h.state, h.detail = "up", "ok"
+
+    def simulated(self, tier: str) -> bool:
+        return self.tiers[tier].simulated
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        resolved: dict[str, TierSettings] = {}
+        for tier in TIERS:
+            configured = self.settings.tier(tier)
+            if configured is not None and not configured.enabled:
+                continue
+            if configured is not None:
+                resolved[tier] = configured
+                self.origin[tier] = "configured"
+            else:
+                resolved[tier] = await self._autodetect(tier)
+        simulated = {t: s for t, s in resolved.items() if s.simulated}
+        if simulated:
+            await self._start_simulator(simulated, resolved)
+        for tier, ts in resolved.items():
+            self.tiers[tier] = ts
+            self.catalogue[tier] = list(ts.models)
+            self.backends[tier] = OpenAIHTTPBackend(tier, ts)
+            self.health[tier] = TierHealth()
+            where = "simulator" if ts.simulated else f"{ts.kind} at {ts.base_url}"
+            log.info(
+                "tier %s: %s, models %s (%s)", tier, where, ", ".join(ts.models) or "none",
+                self.origin[tier],
+            )
+            if ts.simulated:
+                log.warning(
+                    "tier %s is SIMULATED: answers are synthetic; configure tiers.%s to use a "
+                    "real backend", tier, tier,
+                )
+        self.policy = RoutingPolicy(self.settings.routing, self.catalogue, self.settings.aliases)
+        await self.probe_all()
+        self._monitor = asyncio.create_task(self._watch(), name="tier-health")
+
+    async def stop(self) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except asyncio.CancelledError:
+                pass
+        for backend in self.backends.values():
+            await backend.aclose()
+        if self._sim_server:
+            await self._sim_server.stop()
+
+    async def _autodetect(self, tier: str) -> TierSettings:
+        if tier == "local" and self.settings.server.detect_ollama:
+            models = await _ollama_models(OLLAMA_URL)
+            if models:
+                self.origin[tier] = "Ollama answered at 127.0.0.1:11434"
+                return TierSettings(kind="ollama", base_url=OLLAMA_URL, models=models)
+            self.origin[tier] = "no Ollama with a pulled model at 127.0.0.1:11434"
+        elif tier == "cloud" and os.environ.get("OPENROUTER_API_KEY"):
+            self.origin[tier] = "OPENROUTER_API_KEY is set"
+            return TierSettings(
+                kind="openai",
+                base_url=OPENROUTER_URL,
+                api_key_env="OPENROUTER_API_KEY",
+                models=[OPENROUTER_DEFAULT_MODEL],
+            )
+        else:
+            self.origin[tier] = "not configured"
+        return TierSettings(kind="simulator")
+
+    async def _start_simulator(
+        self, simulated: dict[str, TierSettings], resolved: dict[str, TierSettings]
+    ) -> None:
+        models: dict[str, SimModelSettings] = {}
+        for tier, ts in simulated.items():
+            names = ts.models or [f"sim-{tier}"]
+            spec = ts.simulator or SIM_PROFILES[tier]
+            for name in names:
+                models[name] = spec
+            resolved[tier] = ts.model_copy(update={"models": names})
+        self.simulator = Simulator(SimSettings(models=models))
+        self._sim_server = ServerTask(self.simulator.app).start()
+        for tier in simulated:
+            resolved[tier] = resolved[tier].model_copy(
+                update={"base_url": f"{self._sim_server.url}/v1"}
+            )
+
+    async def probe_all(self) -> None:
+        results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
+        for tier, result in zip(self.backends, results, strict=True):
+            h = self.health[tier]
+            h.state = "up" if result.ok else "down"
+            h.detail, h.checked_at = result.detail, time.monotonic()
+            # Ollama gains models as users pull them; keep configured ones first.
+            if result.ok and self.tiers[tier].kind == "ollama" and result.models:
+                known = self.catalogue[tier]
+                known.extend(m for m in result.models if m not in known)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.routing.health_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # a probe bug must not kill the monitor
+                log.exception("tier health probe failed")
+
+
+async def _ollama_models(url: str) -> list[str]:
+    try:
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            resp = await client.get(f"{url}/models")
+            if resp.status_code == 200:
+                return [m["id"] for m in resp.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    return []

@@ -1,0 +1,98 @@
+"""Run an ASGI app with uvicorn on a socket we bind first (so port 0 gives a free port).
+
+Binding before serving means the address is known and connectable at once: connections wait
+in the listen backlog until uvicorn accepts them, so callers need no readiness polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+
+def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def _config(app: Any, **kw: Any) -> uvicorn.Config:
+    kw.setdefault("log_level", "warning")
+    kw.setdefault("lifespan", "auto")
+    kw.setdefault("timeout_graceful_shutdown", 2)
+    return uvicorn.Config(app, **kw)
+
+
+class ServerThread:
+    """An app served on loopback from a daemon thread: `with ServerThread(app) as s: s.url`."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw: Any):
+        self.sock = bind(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(_config(app, **uvicorn_kw))
+        # Only the process's main server may own SIGINT/SIGTERM; embedded servers must not.
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"uvicorn:{self.port}")
+        self._started = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self._started.set()
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self._started.wait()
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class ServerTask:
+    """An app served from a task in the current event loop (the gateway's embedded simulator)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw: Any):
+        self.sock = bind(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(_config(app, **uvicorn_kw))
+        # Only the process's main server may own SIGINT/SIGTERM; embedded servers must not.
+        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ServerTask":
+        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+        self.sock.close()

@@ -1,0 +1,40 @@
+"""The one interface every tier's backend implements; the gateway knows nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    detail: str = ""
+    models: list[str] = field(default_factory=list)
+    latency_ms: float = 0.0
+
+
+class Backend(Protocol):
+    """A place that runs chat completions.
+
+    Failures are raised as `streamllm.errors` types: `BackendFailed` (try another tier),
+    `BackendRateLimited`, `BackendRejected` / `ContextTooLong` (the request itself is the problem).
+    """
+
+    tier: str
+    name: str  # what logs and /health/ready call it: a URL or "simulator"
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Non-streaming completion; `body` is already adapted for this backend."""
+        ...
+
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yield parsed chunks. Closing the iterator (aclose) cancels the backend request."""
+        ...
+
+    async def probe(self) -> ProbeResult:
+        ...
+
+    async def aclose(self) -> None:
+        ...

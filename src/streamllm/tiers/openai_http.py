@@ -1,0 +1,196 @@
+"""The OpenAI-compatible HTTP backend: Ollama, llama.cpp, vLLM, OpenRouter, OpenAI, the simulator.
+
+One pooled async httpx client per tier. Timeouts are separate and enforced here, not by httpx's
+single read timeout: connect, time to first token, time between tokens, and the whole request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from streamllm.config import TierSettings
+from streamllm.errors import (
+    BackendFailed,
+    BackendRateLimited,
+    BackendRejected,
+    ContextTooLong,
+)
+from streamllm.protocol.sse import SSEDecoder
+from streamllm.tiers.base import ProbeResult
+
+_CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
+
+
+def _error_message(payload: Any, fallback: str) -> tuple[str, Any]:
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            return str(err.get("message") or fallback), err.get("code")
+        if isinstance(err, str):
+            return err, None
+    return fallback, None
+
+
+def classify_status(tier: str, status: int, text: str) -> Exception:
+    """Map a backend's non-200 answer to the typed error the router acts on."""
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    message, code = _error_message(payload, text[:300] or f"HTTP {status}")
+    if status in (400, 413, 422):
+        lowered = f"{message} {code}".lower()
+        if any(m in lowered for m in _CONTEXT_MARKERS):
+            return ContextTooLong(message, param="messages")
+        return BackendRejected(message, code=str(code) if code is not None else None)
+    if status == 429:
+        return BackendRateLimited(f"{tier} backend is rate limited: {message}", tier=tier)
+    return BackendFailed(f"{tier} backend answered {status}: {message}", tier=tier)
+
+
+def has_output(chunk: dict[str, Any]) -> bool:
+    """True once a chunk carries something the user sees (text, tool call, refusal, finish)."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+            return True
+        if choice.get("finish_reason"):
+            return True
+    return False
+
+
+class OpenAIHTTPBackend:
+    def __init__(self, tier: str, settings: TierSettings, base_url: str | None = None):
+        self.tier = tier
+        self.settings = settings
+        self.base_url = (base_url or settings.base_url or "").rstrip("/")
+        self.name = "simulator" if settings.simulated else self.base_url
+        headers = {"accept": "application/json"}
+        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        t = settings.timeouts
+        self._timeouts = t
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            # read=None: between-token and first-token limits are enforced per chunk below.
+            timeout=httpx.Timeout(connect=t.connect, read=None, write=t.connect, pool=t.connect),
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _failed(self, what: str, exc: BaseException | None = None) -> BackendFailed:
+        detail = f": {type(exc).__name__} {exc}".rstrip() if exc else ""
+        return BackendFailed(f"{self.tier} backend {what}{detail}", tier=self.tier)
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self._timeouts.total):
+                resp = await self.client.post("/chat/completions", json=body)
+        except TimeoutError:
+            raise self._failed(f"gave no answer within {self._timeouts.total:g}s") from None
+        except httpx.HTTPError as e:
+            raise self._failed("could not be reached", e) from None
+        if resp.status_code != 200:
+            raise classify_status(self.tier, resp.status_code, resp.text)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise self._failed("answered with invalid JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise self._failed("answered without choices")
+        return data
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        t = self._timeouts
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + t.total
+        first_deadline = min(started + t.first_token, deadline)
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                request = self.client.build_request("POST", "/chat/completions", json=body)
+                resp = await self.client.send(request, stream=True)
+        except TimeoutError:
+            raise self._failed(f"sent no response within {t.first_token:g}s") from None
+        except httpx.HTTPError as e:
+            raise self._failed("could not be reached", e) from None
+        try:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise classify_status(self.tier, resp.status_code, resp.text)
+            decoder = SSEDecoder()
+            lines = resp.aiter_lines()
+            seen_output = finished = False
+            while True:
+                until = deadline if seen_output else first_deadline
+                if seen_output:
+                    until = min(until, loop.time() + t.between_tokens)
+                try:
+                    async with asyncio.timeout_at(until):
+                        line = await anext(lines)
+                except StopAsyncIteration:
+                    data = decoder.flush()
+                    if data is None or data == "[DONE]":
+                        break
+                    line = None
+                except TimeoutError:
+                    phase = "between tokens" if seen_output else "before the first token"
+                    raise self._failed(f"stalled {phase}") from None
+                except httpx.HTTPError as e:
+                    raise self._failed("broke the stream", e) from None
+                else:
+                    data = decoder.feed(line)
+                if data is None:
+                    continue
+                if data == "[DONE]":
+                    finished = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise self._failed("sent a malformed chunk") from None
+                if not isinstance(chunk, dict):
+                    raise self._failed("sent a malformed chunk")
+                if "error" in chunk and not chunk.get("choices"):
+                    message, _ = _error_message(chunk, "error event")
+                    raise self._failed(f"reported an error mid-stream: {message}")
+                if has_output(chunk):
+                    seen_output = True
+                    if any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                        finished = True
+                yield chunk
+                if line is None:
+                    break
+            if not finished:
+                raise self._failed("ended the stream before finishing")
+        finally:
+            await resp.aclose()
+
+    async def probe(self) -> ProbeResult:
+        start = time.perf_counter()
+        try:
+            resp = await self.client.get("/models", timeout=self._timeouts.connect)
+        except httpx.HTTPError as e:
+            return ProbeResult(False, f"{type(e).__name__}: {e}".strip(": "))
+        ms = (time.perf_counter() - start) * 1000
+        if resp.status_code != 200:
+            return ProbeResult(False, f"HTTP {resp.status_code}", latency_ms=ms)
+        try:
+            models = [m["id"] for m in resp.json().get("data", []) if isinstance(m, dict)]
+        except (ValueError, KeyError, AttributeError):
+            models = []
+        return ProbeResult(True, "ok", models, latency_ms=ms)
