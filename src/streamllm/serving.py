@@ -60,8 +60,11 @@ class ServerThread:
         self._started.wait()
         return self
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         self.server.should_exit = True
+
+    def stop(self) -> None:
+        self.request_stop()
         self._thread.join(timeout=10)
         self.sock.close()
 

@@ -47,8 +47,11 @@ class RulesJudge:
         words = len(text.split())
         score = 0.0
         reasons = []
-        if _HIGH_CUES.search(text):
-            score += 2.0
+        high = len({m.group(0).lower() for m in _HIGH_CUES.finditer(text)})
+        if high:
+            # One cue is suggestive; several distinct ones ("derive ... design ... trade-offs")
+            # mark a genuinely open-ended task.
+            score += 2.0 + 0.75 * (min(high, 3) - 1)
             reasons.append("asks for a derivation, design or synthesis")
         if _MEDIUM_CUES.search(text):
             score += 1.0

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -151,6 +152,8 @@ class Simulator:
         self.log: deque[LoggedRequest] = deque(maxlen=log_size)
         self._ids = itertools.count(1)
         self._dice = random.Random(self.settings.seed)
+        # Tests wait on this (not on sleeps) for a request to reach a given outcome.
+        self._changed = threading.Condition()
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -166,6 +169,15 @@ class Simulator:
 
     def set_model(self, name: str, spec: SimModelSettings) -> None:
         self.settings.models[name] = spec
+
+    def wait_until(self, predicate, timeout: float = 10.0) -> bool:
+        """Block until `predicate(log)` holds (re-checked on every request start and end)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(list(self.log)), timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     # -- routes ------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -191,6 +203,12 @@ class Simulator:
         return JSONResponse([r.as_dict() for r in self.log])
 
     async def chat(self, request: Request) -> Response:
+        try:
+            return await self._chat(request)
+        finally:
+            self._notify()
+
+    async def _chat(self, request: Request) -> Response:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -205,6 +223,7 @@ class Simulator:
             received_at=time.monotonic(),
         )
         self.log.append(entry)
+        self._notify()
         spec = self.settings.models.get(req.model)
         if spec is None:
             entry.status, entry.outcome = 404, "error"
@@ -358,3 +377,4 @@ class Simulator:
             raise
         finally:
             entry.finished_at = time.monotonic()
+            self._notify()

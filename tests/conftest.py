@@ -1,0 +1,140 @@
+"""Shared fixtures: simulators and gateways served for real on loopback, random ports."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from streamllm.config import Settings, SimModelSettings, SimSettings
+from streamllm.gateway import create_app
+from streamllm.serving import ServerThread
+from streamllm.sim.app import Simulator
+
+
+@dataclass
+class RunningSim:
+    sim: Simulator
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.url}/v1"
+
+    def model(self, name: str) -> SimModelSettings:
+        return self.sim.settings.models[name]
+
+
+@dataclass
+class RunningGateway:
+    server: ServerThread
+    app: Any
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def v1(self) -> str:
+        return f"{self.server.url}/v1"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def stop_all(servers: list[ServerThread]) -> None:
+    for server in servers:  # ask all first, so their shutdowns overlap
+        server.request_stop()
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_sim() -> Iterator[Callable[..., RunningSim]]:
+    running: list[ServerThread] = []
+
+    def start(models: dict[str, dict[str, Any]] | None = None, seed: int = 0) -> RunningSim:
+        specs = {n: SimModelSettings(**s) for n, s in (models or {"sim-model": {}}).items()}
+        sim = Simulator(SimSettings(models=specs, seed=seed))
+        server = ServerThread(sim.app).start()
+        running.append(server)
+        return RunningSim(sim, server)
+
+    yield start
+    stop_all(running)
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
+    running: list[ServerThread] = []
+
+    def start(config: dict[str, Any]) -> RunningGateway:
+        config = {**config}
+        config.setdefault("server", {}).setdefault("detect_ollama", False)
+        # Tests never reach a real cloud: unconfigured tiers are simulated.
+        settings = Settings.model_validate(config)
+        app = create_app(settings)
+        server = ServerThread(app).start()
+        running.append(server)
+        return RunningGateway(server, app)
+
+    yield start
+    stop_all(running)
+
+
+@dataclass
+class ThreeTiers:
+    local: RunningSim
+    hpc: RunningSim
+    cloud: RunningSim
+    gateway: RunningGateway
+
+    def sim(self, tier: str) -> RunningSim:
+        return getattr(self, tier)
+
+
+def tier_config(url: str, model: str, kind: str = "vllm", **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "base_url": url,
+        "models": [model],
+        "timeouts": {"connect": 2, "first_token": 5, "between_tokens": 5, "total": 30},
+        **extra,
+    }
+
+
+@pytest.fixture
+def three_tiers(start_sim, start_gateway) -> Callable[..., ThreeTiers]:
+    """Three simulators (one per tier, models local-m / hpc-m / cloud-m) behind one gateway."""
+
+    def build(
+        sims: dict[str, dict[str, Any]] | None = None,
+        routing: dict[str, Any] | None = None,
+        tiers: dict[str, dict[str, Any]] | None = None,
+        server: dict[str, Any] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> ThreeTiers:
+        sims = sims or {}
+        running = {t: start_sim({f"{t}-m": sims.get(t, {})}) for t in ("local", "hpc", "cloud")}
+        config: dict[str, Any] = {
+            "tiers": {
+                t: tier_config(r.url, f"{t}-m", **(tiers or {}).get(t, {}))
+                for t, r in running.items()
+            },
+            "routing": routing or {},
+            "server": server or {},
+            "aliases": aliases or {},
+        }
+        gw = start_gateway(config)
+        return ThreeTiers(running["local"], running["hpc"], running["cloud"], gw)
+
+    return build
