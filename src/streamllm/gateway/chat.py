@@ -59,16 +59,43 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+_PART_TYPES = {"text", "image_url", "input_audio", "file", "refusal"}
+
+
+def param_path(loc: tuple[int | str, ...]) -> str:
+    """`messages[0].content` from a pydantic location, without its union-member tags."""
+    out: list[str] = []
+    for i, seg in enumerate(loc):
+        if isinstance(seg, int):
+            out.append(f"[{seg}]")
+            continue
+        tag = (
+            seg in _TYPE_TAGS or "[" in seg or "-" in seg or seg[:1].isupper()
+            # the discriminator value of a content part follows its index
+            or (seg in _PART_TYPES and i >= 2 and isinstance(loc[i - 1], int)
+                and loc[i - 2] == "content")
+        )
+        if not tag:
+            out.append(f".{seg}")
+    return "".join(out).lstrip(".")
+
+
+def _most_telling(errors: list) -> dict:
+    # For a union, pydantic reports one error per member; "wrong type for member 1" is the
+    # least useful of them when another member got further (e.g. a list that is too long).
+    specific = [e for e in errors if not e["type"].endswith("_type")]
+    return (specific or errors)[0]
+
+
 def parse_request(body: Any) -> ChatCompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = first["loc"]
-        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        # Union members each add a path segment; keep the message readable.
+        first = _most_telling(e.errors())
+        param = param_path(first["loc"])
         msg = first["msg"]
         if first["type"] == "missing":
             msg = f"'{param}' is a required property"
