@@ -73,6 +73,14 @@ class TierSettings(_Strict):
     max_connections: Annotated[int, Field(ge=1)] = 256
     simulator: SimModelSettings | None = None  # per-tier simulator behaviour when simulated
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_implies_openai(cls, data: Any) -> Any:
+        # A base_url with no kind means "an OpenAI-compatible server", never "simulate it".
+        if isinstance(data, dict) and data.get("base_url") and "kind" not in data:
+            return {**data, "kind": "openai"}
+        return data
+
     @model_validator(mode="after")
     def _needs_url(self) -> "TierSettings":
         if self.kind != "simulator" and not self.base_url:
@@ -104,13 +112,32 @@ class RoutingSettings(_Strict):
     health_interval_s: Seconds = 15.0
     unhealthy_for_s: Seconds = 10.0  # a tier that just failed is tried last for this long
 
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_any_case(cls, data: Any) -> Any:
+        # Environment overrides arrive lower-cased (STREAMLLM_ROUTING__TIER_FOR__LOW=hpc).
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("tier_for", "fallback"):
+                if isinstance(data.get(key), dict):
+                    data[key] = {str(k).upper(): v for k, v in data[key].items()}
+        return data
+
     @model_validator(mode="after")
-    def _chains_start_with_their_tier(self) -> "RoutingSettings":
+    def _complete_chains(self) -> "RoutingSettings":
         for level in COMPLEXITIES:
-            chain = self.fallback.setdefault(level, [self.tier_for.get(level, "local")])
-            if len(set(chain)) != len(chain):
+            chain = self.fallback.get(level)
+            if chain is not None and len(set(chain)) != len(chain):
                 raise ValueError(f"fallback.{level} names a tier twice: {chain}")
+            if chain is None:
+                self.fallback[level] = list(TIERS)
         return self
+
+    def chain(self, level: Complexity) -> list[TierName]:
+        """Tiers to try for a label: its `tier_for` tier first, then its fallback order."""
+        first = self.tier_for.get(level)
+        rest = [t for t in self.fallback[level] if t != first]
+        return ([first] if first else []) + rest
 
 
 class ServerSettings(_Strict):
@@ -120,6 +147,7 @@ class ServerSettings(_Strict):
     log_prompts: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     detect_ollama: bool = True  # with no local tier configured, use Ollama if it answers
+    ollama_url: str = "http://127.0.0.1:11434/v1"  # where detection looks for Ollama
 
 
 class Settings(_Strict):
@@ -127,6 +155,17 @@ class Settings(_Strict):
     tiers: dict[TierName, TierSettings] = Field(default_factory=dict)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     aliases: dict[str, str] = Field(default_factory=dict)  # name -> tier or tier/model
+
+    @model_validator(mode="after")
+    def _aliases_resolve(self) -> "Settings":
+        for start in self.aliases:
+            seen, name = [start], self.aliases[start]
+            while name in self.aliases:
+                if name in seen:
+                    raise ValueError(f"aliases form a cycle: {' -> '.join(seen + [name])}")
+                seen.append(name)
+                name = self.aliases[name]
+        return self
 
     def tier(self, name: str) -> TierSettings | None:
         return self.tiers.get(name)  # type: ignore[call-overload]

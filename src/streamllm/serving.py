@@ -25,8 +25,26 @@ def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling waiters when its startup (app lifespan included) is done."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.ready = threading.Event()
+        # Only the process's main server may own SIGINT/SIGTERM; embedded servers must not.
+        self.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
 def _config(app: Any, **kw: Any) -> uvicorn.Config:
-    kw.setdefault("log_level", "warning")
+    # An embedded server must not reconfigure the process's logging: uvicorn's loggers are
+    # global, and a second server setting them to "warning" silences the main server too.
+    kw.setdefault("log_config", None)
+    kw.setdefault("log_level", None)
+    kw.setdefault("access_log", False)
     kw.setdefault("lifespan", "auto")
     kw.setdefault("timeout_graceful_shutdown", 2)
     return uvicorn.Config(app, **kw)
@@ -38,11 +56,8 @@ class ServerThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw: Any):
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(_config(app, **uvicorn_kw))
-        # Only the process's main server may own SIGINT/SIGTERM; embedded servers must not.
-        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self.server = _Server(_config(app, **uvicorn_kw))
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"uvicorn:{self.port}")
-        self._started = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -52,12 +67,17 @@ class ServerThread:
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self._started.set()
         self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
-    def start(self) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        """Start serving; return once the app's startup has finished (or failed)."""
         self._thread.start()
-        self._started.wait()
+        while not self.server.ready.wait(0.05):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server on port {self.port} failed to start")
+            timeout -= 0.05
+            if timeout <= 0:
+                raise TimeoutError(f"server on port {self.port} did not start")
         return self
 
     def request_stop(self) -> None:
@@ -81,9 +101,7 @@ class ServerTask:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw: Any):
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(_config(app, **uvicorn_kw))
-        # Only the process's main server may own SIGINT/SIGTERM; embedded servers must not.
-        self.server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self.server = _Server(_config(app, **uvicorn_kw))
         self._task: asyncio.Task[None] | None = None
 
     @property

@@ -118,6 +118,8 @@ class ChatHandler:
         arrived = time.perf_counter()
         body = await read_json_body(request, self.settings.server.max_body_bytes)
         req = parse_request(body)
+        if self.settings.server.log_prompts:
+            log.info("request %s prompt: %r", request.state.request_id, req.latest_user_text())
         if req.unknown_fields():
             log.debug("passing on unknown request fields: %s", ", ".join(req.unknown_fields()))
         assert self.runtime.policy is not None
@@ -138,14 +140,10 @@ class ChatHandler:
 
     # -- shared fallback loop ------------------------------------------------------------------
     def _give_up(self, route: Route, failures: list[StreamError]) -> StreamError:
+        # Too long for every tier tried is the client's to fix (400); too long for some while
+        # others were down may succeed later, so it stays a 503 below.
         if failures and all(isinstance(f, ContextTooLong) for f in failures):
             return failures[-1]
-        if any(isinstance(f, ContextTooLong) for f in failures):
-            return ContextTooLong(
-                "the conversation is longer than the context window of every tier that was "
-                "still able to take it",
-                param="messages",
-            )
         if failures and all(isinstance(f, BackendRateLimited) for f in failures):
             return failures[-1]
         tried = [f.message for f in failures]

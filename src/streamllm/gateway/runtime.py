@@ -23,7 +23,6 @@ from streamllm.tiers import OpenAIHTTPBackend
 
 log = logging.getLogger("streamllm.gateway")
 
-OLLAMA_URL = "http://127.0.0.1:11434/v1"
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_DEFAULT_MODEL = "openai/gpt-4o-mini"
 
@@ -133,11 +132,12 @@ class Runtime:
 
     async def _autodetect(self, tier: str) -> TierSettings:
         if tier == "local" and self.settings.server.detect_ollama:
-            models = await _ollama_models(OLLAMA_URL)
+            url = self.settings.server.ollama_url
+            models = await _ollama_models(url)
             if models:
-                self.origin[tier] = "Ollama answered at 127.0.0.1:11434"
-                return TierSettings(kind="ollama", base_url=OLLAMA_URL, models=models)
-            self.origin[tier] = "no Ollama with a pulled model at 127.0.0.1:11434"
+                self.origin[tier] = f"Ollama answered at {url}"
+                return TierSettings(kind="ollama", base_url=url, models=models)
+            self.origin[tier] = f"no Ollama with a pulled model at {url}"
         elif tier == "cloud" and os.environ.get("OPENROUTER_API_KEY"):
             self.origin[tier] = "OPENROUTER_API_KEY is set"
             return TierSettings(
@@ -173,8 +173,10 @@ class Runtime:
             h = self.health[tier]
             h.state = "up" if result.ok else "down"
             h.detail, h.checked_at = result.detail, time.monotonic()
-            # Ollama gains models as users pull them; keep configured ones first.
-            if result.ok and self.tiers[tier].kind == "ollama" and result.models:
+            # Ollama gains models as users pull them, and a tier configured without a model
+            # list serves what its backend lists; configured models stay first.
+            discover = self.tiers[tier].kind == "ollama" or not self.tiers[tier].models
+            if result.ok and discover and result.models:
                 known = self.catalogue[tier]
                 known.extend(m for m in result.models if m not in known)
 

@@ -65,7 +65,7 @@ class RoutingPolicy:
         name = self.resolve_alias(model)
         if name == "auto":
             judgement = self.judge.judge(latest_user_text)
-            chain = self.settings.fallback[judgement.label]
+            chain = self.settings.chain(judgement.label)
             candidates = [c for t in chain if (c := self._default(t))]
             return self._finish(
                 candidates, judgement.label, f"judge: {judgement.reason}", allow_cloud, healthy,
@@ -74,7 +74,8 @@ class RoutingPolicy:
         explicit = self._explicit(name, model)
         if explicit.tier == "cloud" and not allow_cloud:
             raise CloudNotAllowed(
-                f"model '{model}' is on the cloud tier, which this request may not use",
+                f"model '{model}' is on the cloud tier, and cloud use is not allowed here "
+                "(allow_cloud is false in the configuration or in this request)",
                 param="model",
             )
         candidates = [explicit]
@@ -83,17 +84,19 @@ class RoutingPolicy:
                 (lv for lv in COMPLEXITIES if self.settings.tier_for.get(lv) == explicit.tier),
                 "MEDIUM",
             )
-            candidates += [
-                c for t in self.settings.fallback[level] if t != explicit.tier
+            rest = [
+                c for t in self.settings.chain(level) if t != explicit.tier
                 if (c := self._default(t))
             ]
+            candidates += sorted(rest, key=lambda c: not healthy(c.tier))
         return self._finish(candidates, None, f"explicit model '{model}'", allow_cloud, healthy)
 
     def _explicit(self, name: str, asked: str) -> Candidate:
         if name in TIERS:
             found = self._default(name)
             if found is None:
-                raise ModelNotFound(f"the {name} tier is not configured", param="model")
+                what = "has no models" if name in self.catalogue else "is not configured"
+                raise ModelNotFound(f"the {name} tier {what}", param="model")
             return found
         tier, sep, rest = name.partition("/")
         if sep and tier in TIERS:

@@ -239,6 +239,8 @@ class Simulator:
             return resp
         plan = plan_answer(req, body, spec)
         requested = req.max_tokens or 0
+        if spec.honours_max_completion_tokens and req.max_completion_tokens:
+            requested = req.max_completion_tokens
         if plan.prompt_tokens >= spec.context_window or plan.prompt_tokens + requested > (
             spec.context_window
         ):

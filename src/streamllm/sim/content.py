@@ -92,23 +92,24 @@ def answer_text(
 
 
 def apply_stop(tokens: list[str], stop: str | list[str] | None) -> tuple[list[str], bool]:
-    """Cut the answer before the first stop sequence; True when one was found."""
-    if not stop:
+    """Cut the answer before the first stop sequence (which may span tokens); True if found."""
+    stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    if not stops:
         return tokens, False
-    stops = [stop] if isinstance(stop, str) else [s for s in stop if s]
-    text = ""
-    for i, tok in enumerate(tokens):
-        candidate = text + tok
-        hits = [candidate.find(s) for s in stops if s in candidate]
-        if hits:
-            cut = min(hits)
-            kept = tokens[:i]
-            rest = candidate[len(text) : cut]
-            if rest:
-                kept = kept + [rest]
-            return kept, True
-        text = candidate
-    return tokens, False
+    text = "".join(tokens)
+    hits = [text.find(s) for s in stops if s in text]
+    if not hits:
+        return tokens, False
+    cut, kept, used = min(hits), [], 0
+    for tok in tokens:
+        if used + len(tok) <= cut:
+            kept.append(tok)
+            used += len(tok)
+        else:
+            if cut > used:
+                kept.append(tok[: cut - used])
+            break
+    return kept, True
 
 
 def context_error_message(window: int, prompt: int, completion: int) -> str:

@@ -1,0 +1,119 @@
+"""The `streamllm` command as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+
+from tests.conftest import closed_port
+
+STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMLLM_") and k != "OPENROUTER_API_KEY"}
+    return {**env, **extra}
+
+
+class Running:
+    """A `streamllm` process, ready once it logged that startup completed."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str):
+        self.proc = subprocess.Popen(
+            [STREAMLLM, *args], env=env, stderr=subprocess.PIPE, text=True
+        )
+        self.log: list[str] = []
+        for line in self.proc.stderr:  # blocks on the process's own output, no sleeping
+            self.log.append(line)
+            if ready in line:
+                break
+        else:
+            raise AssertionError("process exited before it was ready:\n" + "".join(self.log))
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        rest, _ = self.proc.communicate(timeout=15)
+        return "".join(self.log) + (rest or "")
+
+
+def test_serve_with_no_config_simulates_every_tier_and_says_so():
+    port = closed_port()
+    env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=f"http://127.0.0.1:{closed_port()}/v1")
+    srv = Running(["serve", "--port", str(port)], env, "Application startup complete")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        models = {m.id: m for m in client.models.list()}
+        for tier in ("local", "hpc", "cloud"):
+            assert models[tier].owned_by == "simulator"
+        resp = client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert resp.choices[0].message.content
+        body = httpx.get(f"http://127.0.0.1:{port}/health/ready").json()
+        assert body["status"] == "ready" and body["tiers"]["hpc"]["simulated"] is True
+    finally:
+        log = srv.stop()
+    for tier in ("local", "hpc", "cloud"):
+        assert f"tier {tier} is SIMULATED" in log
+    assert "hi" not in log.split("Application startup complete")[-1], "no prompt text in logs"
+
+
+def test_serve_uses_ollama_when_it_answers(start_sim):
+    ollama = start_sim({"llama3.2:3b": {}, "qwen2.5:7b": {}})
+    port = closed_port()
+    env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=ollama.url)
+    srv = Running(["serve", "--port", str(port)], env, "Application startup complete")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        models = {m.id: m for m in client.models.list()}
+        assert models["local"].owned_by == "ollama"
+        assert "local/qwen2.5:7b" in models and models["hpc"].owned_by == "simulator"
+        resp = client.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3
+        )
+        assert resp.usage.completion_tokens == 3
+    finally:
+        srv.stop()
+    assert ollama.sim.log[-1].body["max_tokens"] == 3
+
+
+def test_serve_refuses_to_bind_beyond_loopback():
+    proc = subprocess.run(
+        [STREAMLLM, "serve", "--host", "0.0.0.0", "--port", str(closed_port())],
+        env=clean_env(), capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "refusing to bind 0.0.0.0" in proc.stderr
+
+
+def test_serve_reports_invalid_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing: {allow_clod: false}\n")
+    proc = subprocess.run(
+        [STREAMLLM, "serve", "--config", str(bad)], env=clean_env(),
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "routing.allow_clod" in proc.stderr
+
+
+def test_sim_command_serves_openai_api():
+    port = closed_port()
+    srv = Running(
+        ["sim", "--port", str(port), "--model", "tiny", "--answer-tokens", "4"],
+        clean_env(), "simulator on",
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        resp = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert resp.usage.completion_tokens == 4
+    finally:
+        srv.stop()

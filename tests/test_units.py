@@ -1,0 +1,191 @@
+"""Pure parts without sockets: SSE codec, request adaptation, judge, routing policy, config."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamllm.config import RoutingSettings, Settings, TierSettings, load_settings
+from streamllm.errors import CloudNotAllowed, ConfigError, ModelNotFound
+from streamllm.protocol.sse import SSEDecoder, encode
+from streamllm.routing import RoutingPolicy, RulesJudge
+from streamllm.tiers.adapt import backend_body
+
+# -- SSE ---------------------------------------------------------------------------------------
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=3)))
+def test_sse_round_trip(objs):
+    import json
+
+    decoder = SSEDecoder()
+    out = []
+    for obj in objs:
+        for line in encode(obj).decode().split("\n"):
+            data = decoder.feed(line)
+            if data is not None:
+                out.append(json.loads(data))
+    assert out == objs
+
+
+def test_sse_decoder_skips_comments_and_joins_multiline_data():
+    d = SSEDecoder()
+    assert d.feed(": keep-alive") is None
+    assert d.feed("") is None
+    assert d.feed("data: a") is None
+    assert d.feed("data:b") is None
+    assert d.feed("") == "a\nb"
+
+
+# -- adaptation --------------------------------------------------------------------------------
+
+
+def test_backend_body_always_asks_for_usage_and_strips_stream_fields():
+    tier = TierSettings(kind="vllm", base_url="http://x/v1")
+    body = {"model": "auto", "messages": [], "allow_cloud": False, "top_k": 3,
+            "stream_options": {"include_usage": False}}
+    out = backend_body(body, "m", tier, stream=True)
+    assert out["model"] == "m" and out["stream"] is True
+    assert out["stream_options"] == {"include_usage": True}
+    assert "allow_cloud" not in out and out["top_k"] == 3
+    assert body["model"] == "auto", "the client's body is not modified"
+    plain = backend_body({**body, "stream": True}, "m", tier, stream=False)
+    assert "stream" not in plain and "stream_options" not in plain
+
+
+def test_backend_body_for_ollama_uses_max_tokens():
+    tier = TierSettings(kind="ollama", base_url="http://x/v1", drop_params=["seed"])
+    out = backend_body({"max_completion_tokens": 9, "seed": 1}, "m", tier, stream=False)
+    assert out == {"model": "m", "max_tokens": 9}
+
+
+# -- judge and policy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("hi!", "LOW"),
+        ("What is the capital of Peru?", "LOW"),
+        ("Explain how to convert Celsius to Fahrenheit.", "MEDIUM"),
+        ("Write a Python function that reverses a list.", "MEDIUM"),
+        ("Derive the posterior for a Gaussian process and design an experiment to test it, "
+         "discussing the trade-offs.", "HIGH"),
+    ],
+)
+def test_rules_judge_labels(text, label):
+    j = RulesJudge().judge(text)
+    assert j.label == label
+    assert abs(sum(j.probabilities.values()) - 1) < 1e-9
+    assert max(j.probabilities, key=j.probabilities.get) == label
+
+
+CATALOGUE = {"local": ["llama"], "hpc": ["big", "bigger"], "cloud": ["gpt"]}
+
+
+def policy(**routing) -> RoutingPolicy:
+    return RoutingPolicy(RoutingSettings(**routing), CATALOGUE, {"fast": "local", "x": "y"})
+
+
+def tiers_of(route):
+    return [c.tier for c in route.candidates]
+
+
+def test_policy_auto_follows_chain_and_health():
+    p = policy()
+    assert tiers_of(p.route("auto", "hi")) == ["local", "hpc", "cloud"]
+    r = p.route("auto", "hi", healthy=lambda t: t != "local")
+    assert tiers_of(r) == ["hpc", "cloud", "local"], "unhealthy tiers go last, not away"
+    assert tiers_of(p.route("auto", "hi", allow_cloud=False)) == ["local", "hpc"]
+    assert tiers_of(policy(allow_cloud=False).route("auto", "hi", allow_cloud=True)) == [
+        "local", "hpc"
+    ]
+
+
+def test_policy_explicit_names():
+    p = policy()
+    assert p.route("hpc", "").candidates[0].model == "big"
+    assert p.route("hpc/bigger", "").candidates[0].model == "bigger"
+    assert p.route("bigger", "").candidates[0].tier == "hpc"
+    assert tiers_of(p.route("fast", "")) == ["local"]
+    assert p.route("hpc", "").complexity is None
+    with pytest.raises(ModelNotFound):
+        p.route("hpc/nope", "")
+    with pytest.raises(ModelNotFound):
+        p.route("x", "")
+    with pytest.raises(CloudNotAllowed):
+        p.route("cloud/gpt", "", allow_cloud=False)
+    assert tiers_of(policy(fallback_on_explicit=True).route("hpc", "")) == [
+        "hpc", "cloud", "local"
+    ]
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_env_overrides_nested_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tiers:\n  hpc:\n    kind: vllm\n    base_url: http://h/v1\n    models: [a]\n")
+    s = load_settings(path, environ={
+        "STREAMLLM_ROUTING__ALLOW_CLOUD": "false",
+        "STREAMLLM_TIERS__HPC__MODELS": "[b, c]",
+        "STREAMLLM_SERVER__PORT": "9001",
+        "OTHER": "x",
+    })
+    assert s.routing.allow_cloud is False
+    assert s.tiers["hpc"].models == ["b", "c"] and s.tiers["hpc"].base_url == "http://h/v1"
+    assert s.server.port == 9001
+
+
+def test_config_file_from_environment_variable(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {port: 7000}\n")
+    assert load_settings(environ={"STREAMLLM_CONFIG": str(path)}).server.port == 7000
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [
+        ("server: {prot: 1}\n", "server.prot: Extra inputs are not permitted"),
+        ("tiers: {hpc: {kind: vllm}}\n", "needs a base_url"),
+        ("tiers: {gpu: {}}\n", "tiers.gpu"),
+        ("routing: {tier_for: {LOW: moon}}\n", "routing.tier_for.LOW"),
+        ("- a\n- b\n", "mapping at the top level"),
+        ("server: [\n", "not valid YAML"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, yaml_text, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path, environ={})
+    assert fragment in str(exc.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.yaml", environ={})
+
+
+def test_defaults_validate():
+    s = Settings()
+    assert s.server.host == "127.0.0.1" and s.routing.fallback["HIGH"] == ["cloud", "hpc", "local"]
+
+
+def test_tier_for_leads_the_chain_and_env_labels_are_case_insensitive():
+    s = load_settings(environ={"STREAMLLM_ROUTING__TIER_FOR__LOW": "hpc"})
+    assert s.routing.tier_for["LOW"] == "hpc"
+    assert s.routing.chain("LOW") == ["hpc", "local", "cloud"]
+    partial = RoutingSettings(fallback={"HIGH": ["cloud", "hpc"]})
+    assert partial.chain("LOW") == ["local", "hpc", "cloud"], "missing chains get every tier"
+
+
+def test_base_url_without_kind_is_openai_not_simulated():
+    assert TierSettings(base_url="http://x/v1").kind == "openai"
+    assert TierSettings().simulated
+
+
+def test_alias_cycles_are_rejected():
+    with pytest.raises(ValueError, match="cycle"):
+        Settings.model_validate({"aliases": {"a": "b", "b": "a"}})
