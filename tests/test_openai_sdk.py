@@ -138,3 +138,39 @@ def test_response_headers_say_where_it_went(tiers):
     assert float(h["x-stream-overhead-ms"]) >= 0
     assert len(h["x-request-id"]) >= 16
     assert raw.parse().id == f"chatcmpl-{h['x-request-id']}"
+
+
+def test_curl_streams_sse_exactly_as_openai_sends_it(tiers):
+    import json
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:  # curl is part of the documented quick start, so CI must have it
+        pytest.fail("curl is not installed")
+    body = json.dumps({"model": "local", "stream": True, "messages": MESSAGES})
+    out = subprocess.run(
+        [curl, "-sN", "-D", "-", f"{tiers.gateway.v1}/chat/completions",
+         "-H", "content-type: application/json", "-d", body],
+        capture_output=True, timeout=30, check=True,
+    ).stdout.decode()
+    head, _, stream = out.partition("\r\n\r\n")
+    assert "content-type: text/event-stream" in head.lower()
+    assert "cache-control: no-cache" in head.lower()
+    assert "x-accel-buffering: no" in head.lower()
+    events = stream.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == answer_text("local-m", MESSAGES, 12)
+
+
+def test_total_timeout_fails_over_for_non_streaming(three_tiers):
+    t = three_tiers(
+        sims={"local": {"ttft_ms": 5_000}}, tiers={"local": {"timeouts": {"total": 0.3}}}
+    )
+    resp = client(t).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert resp.headers["x-stream-tier"] == "hpc"
+    assert resp.headers["x-stream-fallbacks"] == "1"
