@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -253,3 +253,14 @@ def test_rate_limited_everywhere_gives_429(three_tiers):
     with pytest.raises(openai.RateLimitError) as exc:
         sdk(t).chat.completions.create(model="hpc", messages=HELLO)
     assert exc.value.response.headers.get("retry-after") == "1"
+
+
+def test_client_disconnect_during_non_streaming_request_cancels_backend(three_tiers):
+    t = three_tiers(sims={"hpc": {"ttft_ms": 20_000}})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{t.gateway.v1}/chat/completions",
+            json={"model": "hpc", "messages": HELLO}, timeout=0.5,
+        )
+    assert t.hpc.sim.wait_until(lambda log: log and log[0].outcome == "cancelled", timeout=5)
+    assert t.hpc.sim.log[0].finished_at - t.hpc.sim.log[0].received_at < 10

@@ -29,6 +29,33 @@ def test_sse_round_trip(objs):
     assert out == objs
 
 
+@given(
+    st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=12),
+             min_size=1, max_size=6),
+    st.sampled_from(["\n", "\r\n"]),
+    st.lists(st.integers(1, 9), max_size=30),
+)
+def test_sse_bytes_decoder_any_split_any_line_ending(datas, eol, cuts):
+    from streamllm.protocol.sse import SSEBytesDecoder
+
+    wire = "".join(f": ping{eol}data: {d}{eol}{eol}" for d in datas).encode()
+    decoder, out, pos = SSEBytesDecoder(), [], 0
+    for cut in cuts:
+        out += decoder.feed(wire[pos:pos + cut])
+        pos += cut
+    out += decoder.feed(wire[pos:]) + decoder.flush()
+    assert out == datas
+
+
+def test_sse_bytes_decoder_multiline_and_unterminated_last_event():
+    from streamllm.protocol.sse import SSEBytesDecoder
+
+    d = SSEBytesDecoder()
+    assert d.feed(b"data: a\r\ndata: b\r") == []
+    assert d.feed(b"\n\r\ndata: [DONE]") == ["a\nb"]
+    assert d.flush() == ["[DONE]"]
+
+
 def test_sse_decoder_skips_comments_and_joins_multiline_data():
     d = SSEDecoder()
     assert d.feed(": keep-alive") is None

@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from streamllm import __version__
 from streamllm.config import TIERS, Settings
@@ -73,9 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext)
     chat = ChatHandler(runtime)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request):
+    # A plain Starlette route: the handler reads and validates its own body (to control the
+    # error envelope and the size limit), so FastAPI's per-request dependency solving would be
+    # pure overhead on the hottest path.
+    async def chat_completions(request: Request) -> Response:
         return await chat(request)
+
+    app.add_route(
+        "/v1/chat/completions", chat_completions, methods=["POST"], include_in_schema=False
+    )
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from streamllm.errors import (
     BackendFailed,
@@ -27,6 +27,7 @@ from streamllm.errors import (
     StreamError,
     TierUnavailable,
 )
+from streamllm.gateway.disconnect import ClientWatch, RelayResponse
 from streamllm.gateway.errors import envelope
 from streamllm.gateway.runtime import Runtime
 from streamllm.protocol.chat import ChatCompletionRequest
@@ -134,9 +135,25 @@ class ChatHandler:
         request_id = request.state.request_id
         overhead_ms = (time.perf_counter() - arrived) * 1000
         headers["x-stream-overhead-ms"] = f"{overhead_ms:.3f}"
-        if req.wants_stream:
-            return await self._stream(request, req, body, route, headers, request_id)
-        return await self._complete(req, body, route, headers, request_id)
+        watch = ClientWatch(request)
+        handed_over = False
+        try:
+            if req.wants_stream:
+                cand, stream, held, failures = await self._open(body, route)
+                self._label(headers, cand, failures)
+                handed_over = True  # from here the response owns the watch
+                return RelayResponse(
+                    self._relay(req, cand, stream, held, request_id), watch, SSE_HEADERS
+                )
+            return await self._complete(req, body, route, headers, request_id)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            log.info("request %s: client left before the answer began", request_id)
+            return Response(status_code=499)
+        finally:
+            if not handed_over:
+                watch.stop()
 
     # -- shared fallback loop ------------------------------------------------------------------
     def _give_up(self, route: Route, failures: list[StreamError]) -> StreamError:
@@ -193,9 +210,9 @@ class ChatHandler:
             )
             held: list[dict[str, Any]] = []
             try:
-                async for chunk in stream:
-                    held.append(chunk)
-                    if has_output(chunk):
+                async for batch in stream:
+                    held.extend(batch)
+                    if any(has_output(chunk) for chunk in batch):
                         break
             except (BackendFailed, ContextTooLong) as e:
                 await stream.aclose()
@@ -209,26 +226,6 @@ class ChatHandler:
             return cand, stream, held, failures
         raise self._give_up(route, failures)
 
-    async def _stream(self, request, req, body, route: Route, headers, request_id) -> Response:
-        # Waiting for the first token can take long (a cold HPC tier); a client that leaves
-        # meanwhile must cancel the backend request now, not when the first token arrives.
-        opening = asyncio.ensure_future(self._open(body, route))
-        leaving = asyncio.ensure_future(_disconnected(request))
-        await asyncio.wait((opening, leaving), return_when=asyncio.FIRST_COMPLETED)
-        if not opening.done():
-            opening.cancel()
-            await asyncio.gather(opening, return_exceptions=True)
-            log.info("request %s: client left before the first token", request_id)
-            return Response(status_code=499)
-        leaving.cancel()
-        cand, stream, held, failures = opening.result()
-        self._label(headers, cand, failures)
-        return StreamingResponse(
-            self._relay(req, cand, stream, held, request_id),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-
     async def _relay(
         self, req: ChatCompletionRequest, cand: Candidate, stream, held, request_id: str
     ) -> AsyncIterator[bytes]:
@@ -236,13 +233,10 @@ class ChatHandler:
         include_usage = req.wants_usage_chunk
         outcome = "completed"
         try:
-            for chunk in held:
-                out = _for_client(chunk, chunk_id, include_usage)
-                if out is not None:
-                    yield out
-            async for chunk in stream:
-                out = _for_client(chunk, chunk_id, include_usage)
-                if out is not None:
+            yield _for_client(held, chunk_id, include_usage)
+            async for batch in stream:
+                out = _for_client(batch, chunk_id, include_usage)
+                if out:
                     yield out
             yield DONE
         except BackendFailed as e:
@@ -261,16 +255,15 @@ class ChatHandler:
             )
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _for_client(chunk: dict[str, Any], chunk_id: str, include_usage: bool) -> bytes | None:
-    """Rewrite a backend chunk for the client; None drops it (usage the client did not ask for)."""
-    if not include_usage:
-        if not chunk.get("choices") and chunk.get("usage") is not None:
-            return None
-        chunk.pop("usage", None)
-    chunk["id"] = chunk_id
-    return encode(chunk)
+def _for_client(batch: list[dict[str, Any]], chunk_id: str, include_usage: bool) -> bytes:
+    """Rewrite backend chunks for the client as one SSE write; usage chunks the client did not
+    ask for are dropped."""
+    out = []
+    for chunk in batch:
+        if not include_usage:
+            if not chunk.get("choices") and chunk.get("usage") is not None:
+                continue
+            chunk.pop("usage", None)
+        chunk["id"] = chunk_id
+        out.append(encode(chunk))
+    return b"".join(out)

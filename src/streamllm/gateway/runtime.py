@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import httpx2
 
 from streamllm.config import TIERS, Settings, SimModelSettings, SimSettings, TierSettings
 from streamllm.routing import RoutingPolicy
@@ -191,10 +191,10 @@ class Runtime:
 
 async def _ollama_models(url: str) -> list[str]:
     try:
-        async with httpx.AsyncClient(timeout=0.5) as client:
+        async with httpx2.AsyncClient(timeout=0.5) as client:
             resp = await client.get(f"{url}/models")
             if resp.status_code == 200:
                 return [m["id"] for m in resp.json().get("data", [])]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (httpx2.HTTPError, ValueError, KeyError, TypeError):
         pass
     return []

@@ -128,6 +128,11 @@ def plan_answer(req: ChatCompletionRequest, body: dict[str, Any], spec: SimModel
     return Plan(model=req.model, prompt_tokens=prompt, choices=choices)
 
 
+async def _client_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _logprobs(tokens: list[str], top: int | None) -> dict[str, Any]:
     return {
         "content": [
@@ -227,13 +232,16 @@ class Simulator:
         spec = self.settings.models.get(req.model)
         if spec is None:
             entry.status, entry.outcome = 404, "error"
+            entry.finished_at = entry.received_at
             return _error(404, f"The model `{req.model}` does not exist.", "NotFoundError", 404)
         draw = self._dice.random()
         if draw < spec.error_rate:
             entry.status, entry.outcome = 500, "error"
+            entry.finished_at = entry.received_at
             return _error(500, "simulated internal server error", "InternalServerError", 500)
         if draw < spec.error_rate + spec.rate_limit_rate:
             entry.status, entry.outcome = 429, "error"
+            entry.finished_at = entry.received_at
             resp = _error(429, "simulated rate limit", "RateLimitError", 429)
             resp.headers["retry-after"] = "1"
             return resp
@@ -245,6 +253,7 @@ class Simulator:
             spec.context_window
         ):
             entry.status, entry.outcome = 400, "error"
+            entry.finished_at = entry.received_at
             msg = content.context_error_message(spec.context_window, plan.prompt_tokens, requested)
             return _error(400, msg, "BadRequestError", 400, "messages")
         if req.stream:
@@ -253,7 +262,7 @@ class Simulator:
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
-        return await self._complete(entry, req, plan, spec)
+        return await self._complete(request, entry, req, plan, spec)
 
     async def _pace(self, start: float, spec: SimModelSettings, emitted: int) -> None:
         """Sleep until token number `emitted` is due under the model's TTFT and rate."""
@@ -264,10 +273,18 @@ class Simulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _complete(self, entry, req, plan: Plan, spec) -> Response:
+    async def _complete(self, request: Request, entry, req, plan: Plan, spec) -> Response:
         start = time.monotonic()
         total = max((len(c.tokens) for c in plan.choices), default=0)
-        await self._pace(start, spec, max(total - 1, 0))
+        # Generating, like a real server, stops when the client goes away.
+        generating = asyncio.ensure_future(self._pace(start, spec, max(total - 1, 0)))
+        leaving = asyncio.ensure_future(_client_gone(request))
+        await asyncio.wait((generating, leaving), return_when=asyncio.FIRST_COMPLETED)
+        leaving.cancel()
+        if not generating.done():
+            generating.cancel()
+            entry.outcome, entry.finished_at = "cancelled", time.monotonic()
+            return Response(status_code=499)
         choices = []
         for c in plan.choices:
             message: dict[str, Any] = {"role": "assistant", "content": "".join(c.tokens)}

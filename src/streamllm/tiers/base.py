@@ -29,8 +29,10 @@ class Backend(Protocol):
         """Non-streaming completion; `body` is already adapted for this backend."""
         ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield parsed chunks. Closing the iterator (aclose) cancels the backend request."""
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield parsed chunks in batches: each batch is everything that arrived together, so
+        a relay can forward it in one write. Closing the iterator (aclose) cancels the backend
+        request."""
         ...
 
     async def probe(self) -> ProbeResult:

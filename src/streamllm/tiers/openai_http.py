@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2
 
 from streamllm.config import TierSettings
 from streamllm.errors import (
@@ -22,8 +22,9 @@ from streamllm.errors import (
     BackendRejected,
     ContextTooLong,
 )
-from streamllm.protocol.sse import SSEDecoder
+from streamllm.protocol.sse import SSEBytesDecoder
 from streamllm.tiers.base import ProbeResult
+from streamllm.tiers.pump import Pump
 
 _CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
 
@@ -66,6 +67,10 @@ def has_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def _finishes(chunk: dict[str, Any]) -> bool:
+    return any(c.get("finish_reason") for c in chunk.get("choices") or ())
+
+
 class OpenAIHTTPBackend:
     def __init__(self, tier: str, settings: TierSettings, base_url: str | None = None):
         self.tier = tier
@@ -78,12 +83,12 @@ class OpenAIHTTPBackend:
             headers["authorization"] = f"Bearer {key}"
         t = settings.timeouts
         self._timeouts = t
-        self.client = httpx.AsyncClient(
+        self.client = httpx2.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             # read=None: between-token and first-token limits are enforced per chunk below.
-            timeout=httpx.Timeout(connect=t.connect, read=None, write=t.connect, pool=t.connect),
-            limits=httpx.Limits(
+            timeout=httpx2.Timeout(connect=t.connect, read=None, write=t.connect, pool=t.connect),
+            limits=httpx2.Limits(
                 max_connections=settings.max_connections,
                 max_keepalive_connections=settings.max_connections,
             ),
@@ -102,7 +107,7 @@ class OpenAIHTTPBackend:
                 resp = await self.client.post("/chat/completions", json=body)
         except TimeoutError:
             raise self._failed(f"gave no answer within {self._timeouts.total:g}s") from None
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             raise self._failed("could not be reached", e) from None
         if resp.status_code != 200:
             raise classify_status(self.tier, resp.status_code, resp.text)
@@ -114,7 +119,7 @@ class OpenAIHTTPBackend:
             raise self._failed("answered without choices")
         return data
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         t = self._timeouts
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -126,65 +131,84 @@ class OpenAIHTTPBackend:
                 resp = await self.client.send(request, stream=True)
         except TimeoutError:
             raise self._failed(f"sent no response within {t.first_token:g}s") from None
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             raise self._failed("could not be reached", e) from None
+        pump: Pump | None = None
         try:
             if resp.status_code != 200:
                 await resp.aread()
                 raise classify_status(self.tier, resp.status_code, resp.text)
-            decoder = SSEDecoder()
-            lines = resp.aiter_lines()
-            seen_output = finished = False
-            while True:
+            decoder = SSEBytesDecoder()
+            pump = Pump(resp.aiter_raw())
+            seen_output = finish_seen = done = eof = False
+            while not (done or eof):
                 until = deadline if seen_output else first_deadline
                 if seen_output:
                     until = min(until, loop.time() + t.between_tokens)
                 try:
                     async with asyncio.timeout_at(until):
-                        line = await anext(lines)
-                except StopAsyncIteration:
-                    data = decoder.flush()
-                    if data is None or data == "[DONE]":
-                        break
-                    line = None
+                        data = await pump.take()
+                    events = decoder.feed(data) if data else decoder.flush()
+                    eof = not data
                 except TimeoutError:
                     phase = "between tokens" if seen_output else "before the first token"
                     raise self._failed(f"stalled {phase}") from None
-                except httpx.HTTPError as e:
+                except httpx2.HTTPError as e:
                     raise self._failed("broke the stream", e) from None
-                else:
-                    data = decoder.feed(line)
-                if data is None:
-                    continue
-                if data == "[DONE]":
-                    finished = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise self._failed("sent a malformed chunk") from None
-                if not isinstance(chunk, dict):
-                    raise self._failed("sent a malformed chunk")
-                if "error" in chunk and not chunk.get("choices"):
-                    message, _ = _error_message(chunk, "error event")
-                    raise self._failed(f"reported an error mid-stream: {message}")
-                if has_output(chunk):
-                    seen_output = True
-                    if any(c.get("finish_reason") for c in chunk.get("choices") or ()):
-                        finished = True
-                yield chunk
-                if line is None:
-                    break
-            if not finished:
+                batch = []
+                for data in events:
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = self._parse_chunk(data)
+                    if not seen_output and has_output(chunk):
+                        seen_output = True
+                    if not finish_seen and _finishes(chunk):
+                        finish_seen = True
+                    batch.append(chunk)
+                if batch:
+                    yield batch
+            # Some servers end without [DONE]; that is complete only after a finish reason.
+            if not (done or finish_seen):
                 raise self._failed("ended the stream before finishing")
+            if not eof:
+                await self._drain(pump, loop.time() + t.between_tokens)
         finally:
-            await resp.aclose()
+            try:
+                if pump is not None:
+                    await pump.aclose()
+            finally:
+                await resp.aclose()
+
+    def _parse_chunk(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise self._failed("sent a malformed chunk") from None
+        if not isinstance(chunk, dict):
+            raise self._failed("sent a malformed chunk")
+        if "error" in chunk and not chunk.get("choices"):
+            message, _ = _error_message(chunk, "error event")
+            raise self._failed(f"reported an error mid-stream: {message}")
+        return chunk
+
+    @staticmethod
+    async def _drain(pump: Pump, until: float) -> None:
+        """Read what is left after `[DONE]` (the chunked terminator) so that the connection goes
+        back to the pool; closing a response that is not fully read closes the connection, and
+        the next request would pay for a new one."""
+        try:
+            async with asyncio.timeout_at(until):
+                while await pump.take():
+                    pass
+        except (TimeoutError, httpx2.HTTPError):
+            pass  # the connection is simply not reused
 
     async def probe(self) -> ProbeResult:
         start = time.perf_counter()
         try:
             resp = await self.client.get("/models", timeout=self._timeouts.connect)
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             return ProbeResult(False, f"{type(e).__name__}: {e}".strip(": "))
         ms = (time.perf_counter() - start) * 1000
         if resp.status_code != 200:
