@@ -216,3 +216,27 @@ def test_base_url_without_kind_is_openai_not_simulated():
 def test_alias_cycles_are_rejected():
     with pytest.raises(ValueError, match="cycle"):
         Settings.model_validate({"aliases": {"a": "b", "b": "a"}})
+
+
+def test_chunks_are_patched_in_place_or_reencoded_with_the_same_result():
+    import json
+
+    from streamllm.gateway.chat import _for_client
+    from streamllm.tiers.base import Chunk
+
+    compact = '{"id":"b-1","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
+    spaced = '{"id": "b-1", "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": null}'
+    usage = '{"id":"b-1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
+    for raw in (compact, spaced):
+        chunk = Chunk(json.loads(raw), raw)
+        out = _for_client([chunk], "ours", include_usage=False).decode()
+        assert out.startswith("data: ") and out.endswith("\n\n")
+        assert json.loads(out[6:]) == {
+            "id": "ours", "choices": [{"index": 0, "delta": {"content": "hi"}}]
+        }
+        out = _for_client([chunk], "ours", include_usage=True).decode()
+        assert json.loads(out[6:])["usage"] is None and json.loads(out[6:])["id"] == "ours"
+    last = Chunk(json.loads(usage), usage)
+    assert _for_client([last], "ours", include_usage=False) == b""
+    out = _for_client([last], "ours", include_usage=True).decode()
+    assert json.loads(out[6:])["usage"]["total_tokens"] == 3

@@ -34,6 +34,7 @@ from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
 from streamllm.routing.policy import Candidate, Route
 from streamllm.tiers.adapt import backend_body
+from streamllm.tiers.base import Chunk
 from streamllm.tiers.openai_http import has_output
 
 log = logging.getLogger("streamllm.gateway")
@@ -208,11 +209,11 @@ class ChatHandler:
             stream = self.runtime.backends[cand.tier].stream(
                 backend_body(body, cand.model, tier, stream=True)
             )
-            held: list[dict[str, Any]] = []
+            held: list[Chunk] = []
             try:
                 async for batch in stream:
                     held.extend(batch)
-                    if any(has_output(chunk) for chunk in batch):
+                    if any(has_output(chunk.data) for chunk in batch):
                         break
             except (BackendFailed, ContextTooLong) as e:
                 await stream.aclose()
@@ -255,15 +256,33 @@ class ChatHandler:
             )
 
 
-def _for_client(batch: list[dict[str, Any]], chunk_id: str, include_usage: bool) -> bytes:
-    """Rewrite backend chunks for the client as one SSE write; usage chunks the client did not
-    ask for are dropped."""
+def _for_client(batch: list[Chunk], chunk_id: str, include_usage: bool) -> bytes:
+    """Backend chunks as one SSE write for the client: our id, and no usage unless asked."""
     out = []
     for chunk in batch:
-        if not include_usage:
-            if not chunk.get("choices") and chunk.get("usage") is not None:
-                continue
-            chunk.pop("usage", None)
-        chunk["id"] = chunk_id
-        out.append(encode(chunk))
+        data = chunk.data
+        if not include_usage and not data.get("choices") and data.get("usage") is not None:
+            continue  # the usage chunk we asked for on our own account
+        out.append(b"data: " + _rewrite(chunk, chunk_id, include_usage).encode() + b"\n\n")
     return b"".join(out)
+
+
+def _rewrite(chunk: Chunk, chunk_id: str, include_usage: bool) -> str:
+    """The chunk's JSON with our id (and without `usage: null` if the client did not ask for
+    usage), patched into the backend's own text when it has the usual compact form, which
+    saves encoding every chunk again; re-encoded otherwise."""
+    data, text = chunk.data, chunk.raw
+    backend_id = data.get("id")
+    if isinstance(backend_id, str):
+        needle = f'"id":"{backend_id}"'
+        if needle in text:
+            text = text.replace(needle, f'"id":"{chunk_id}"', 1)
+            if include_usage or "usage" not in data:
+                return text
+            if data["usage"] is None and ',"usage":null' in text:
+                return text.replace(',"usage":null', "", 1)
+    data = dict(data)
+    data["id"] = chunk_id
+    if not include_usage:
+        data.pop("usage", None)
+    return encode(data)[len(b"data: ") : -2].decode()

@@ -1,6 +1,6 @@
 """Tiers: one `Backend` interface and the OpenAI-compatible HTTP backend behind local/hpc/cloud."""
 
-from streamllm.tiers.base import Backend, ProbeResult
+from streamllm.tiers.base import Backend, Chunk, ProbeResult
 from streamllm.tiers.openai_http import OpenAIHTTPBackend
 
-__all__ = ["Backend", "OpenAIHTTPBackend", "ProbeResult"]
+__all__ = ["Backend", "Chunk", "OpenAIHTTPBackend", "ProbeResult"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+
+class Chunk(NamedTuple):
+    """One streamed chunk: parsed for decisions, and as sent, so a relay can forward it
+    without encoding it again."""
+
+    data: dict[str, Any]
+    raw: str
 
 
 @dataclass
@@ -29,7 +37,7 @@ class Backend(Protocol):
         """Non-streaming completion; `body` is already adapted for this backend."""
         ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         """Yield parsed chunks in batches: each batch is everything that arrived together, so
         a relay can forward it in one write. Closing the iterator (aclose) cancels the backend
         request."""

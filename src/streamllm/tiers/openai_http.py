@@ -23,8 +23,9 @@ from streamllm.errors import (
     ContextTooLong,
 )
 from streamllm.protocol.sse import SSEBytesDecoder
-from streamllm.tiers.base import ProbeResult
+from streamllm.tiers.base import Chunk, ProbeResult
 from streamllm.tiers.pump import Pump
+from streamllm.tiers.transport import PlainHTTPTransport
 
 _CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
 
@@ -67,6 +68,13 @@ def has_output(chunk: dict[str, Any]) -> bool:
     return False
 
 
+_JSON = {"content-type": "application/json"}
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _finishes(chunk: dict[str, Any]) -> bool:
     return any(c.get("finish_reason") for c in chunk.get("choices") or ())
 
@@ -83,15 +91,17 @@ class OpenAIHTTPBackend:
             headers["authorization"] = f"Bearer {key}"
         t = settings.timeouts
         self._timeouts = t
+        limits = httpx2.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        )
         self.client = httpx2.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             # read=None: between-token and first-token limits are enforced per chunk below.
             timeout=httpx2.Timeout(connect=t.connect, read=None, write=t.connect, pool=t.connect),
-            limits=httpx2.Limits(
-                max_connections=settings.max_connections,
-                max_keepalive_connections=settings.max_connections,
-            ),
+            limits=limits,
+            transport=PlainHTTPTransport(limits) if self.base_url.startswith("http:") else None,
         )
 
     async def aclose(self) -> None:
@@ -104,7 +114,9 @@ class OpenAIHTTPBackend:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._timeouts.total):
-                resp = await self.client.post("/chat/completions", json=body)
+                resp = await self.client.post(
+                    "/chat/completions", content=_json_bytes(body), headers=_JSON
+                )
         except TimeoutError:
             raise self._failed(f"gave no answer within {self._timeouts.total:g}s") from None
         except httpx2.HTTPError as e:
@@ -119,7 +131,7 @@ class OpenAIHTTPBackend:
             raise self._failed("answered without choices")
         return data
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         t = self._timeouts
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -127,7 +139,9 @@ class OpenAIHTTPBackend:
         first_deadline = min(started + t.first_token, deadline)
         try:
             async with asyncio.timeout_at(first_deadline):
-                request = self.client.build_request("POST", "/chat/completions", json=body)
+                request = self.client.build_request(
+                    "POST", "/chat/completions", content=_json_bytes(body), headers=_JSON
+                )
                 resp = await self.client.send(request, stream=True)
         except TimeoutError:
             raise self._failed(f"sent no response within {t.first_token:g}s") from None
@@ -161,11 +175,14 @@ class OpenAIHTTPBackend:
                         done = True
                         break
                     chunk = self._parse_chunk(data)
-                    if not seen_output and has_output(chunk):
-                        seen_output = True
                     if not finish_seen and _finishes(chunk):
                         finish_seen = True
-                    batch.append(chunk)
+                    batch.append(Chunk(chunk, data))
+                    if not seen_output and has_output(chunk):
+                        seen_output = True
+                        # The first token goes out before the rest of its read is parsed.
+                        yield batch
+                        batch = []
                 if batch:
                     yield batch
             # Some servers end without [DONE]; that is complete only after a finish reason.
