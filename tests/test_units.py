@@ -158,11 +158,13 @@ def test_env_overrides_nested_fields(tmp_path):
         "STREAMLLM_ROUTING__ALLOW_CLOUD": "false",
         "STREAMLLM_TIERS__HPC__MODELS": "[b, c]",
         "STREAMLLM_SERVER__PORT": "9001",
+        "STREAMLLM_LOG_LEVEL": "debug",
         "OTHER": "x",
     })
     assert s.routing.allow_cloud is False
     assert s.tiers["hpc"].models == ["b", "c"] and s.tiers["hpc"].base_url == "http://h/v1"
-    assert s.server.port == 9001
+    assert s.server.port == 9001 and s.server.log_level == "debug"
+    assert load_settings(environ={"STREAMLLM_PORT": "9002"}).server.port == 9002
 
 
 def test_config_file_from_environment_variable(tmp_path):

@@ -172,6 +172,7 @@ class Settings(_Strict):
 
 
 ENV_PREFIX = "STREAMLLM_"
+SERVER_SHORTHANDS = ("host", "port", "log_level")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -184,6 +185,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if len(path) == 1 and path[0] in SERVER_SHORTHANDS:
+            path = ["server", path[0]]  # STREAMLLM_PORT means STREAMLLM_SERVER__PORT
         if not path:
             continue
         try:
