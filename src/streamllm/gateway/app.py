@@ -6,10 +6,11 @@ Routes: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health, GET /heal
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from streamllm import __version__
 from streamllm.config import TIERS, Settings
@@ -93,6 +94,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if card.id == model_id:
                 return JSONResponse(card.model_dump())
         raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+
+    @app.get("/", include_in_schema=False)
+    async def front_page() -> HTMLResponse:
+        # A status page, so that opening the address in a browser says what is running.
+        rows = "".join(
+            f"<tr><td>{html.escape(t)}</td><td>{html.escape(runtime.health[t].state)}</td>"
+            f"<td>{'simulator' if runtime.simulated(t) else html.escape(runtime.backends[t].name)}"
+            f"</td><td>{html.escape(', '.join(runtime.catalogue[t]))}</td></tr>"
+            for t in runtime.tiers
+        )
+        return HTMLResponse(
+            "<!doctype html><html lang=en><meta charset=utf-8><title>STREAM</title>"
+            "<meta name=viewport content='width=device-width, initial-scale=1'>"
+            f"<h1>STREAM {__version__}</h1><p>OpenAI-compatible API at <code>/v1</code> "
+            "(point any OpenAI client's base URL here, model <code>auto</code>). "
+            "<a href='/v1/models'>Models</a> · <a href='/health/ready'>Tier health</a> · "
+            "<a href='/docs'>API docs</a></p>"
+            "<table><tr><th>tier<th>state<th>backend<th>models</tr>" + rows + "</table></html>"
+        )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
