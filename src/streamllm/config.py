@@ -71,6 +71,9 @@ class TierSettings(_Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     drop_params: list[str] = Field(default_factory=list)  # request fields this backend rejects
     max_connections: Annotated[int, Field(ge=1)] = 256
+    # "auto": streamed completions over plain http:// (with no proxy in the environment for
+    # that host) use STREAM's lean HTTP/1.1 client; "httpx" always uses httpx2.
+    stream_client: Literal["auto", "httpx"] = "auto"
     simulator: SimModelSettings | None = None  # per-tier simulator behaviour when simulated
 
     @model_validator(mode="before")

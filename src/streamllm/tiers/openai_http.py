@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from streamllm.errors import (
 from streamllm.protocol.sse import SSEBytesDecoder
 from streamllm.tiers.base import Chunk, ProbeResult
 from streamllm.tiers.pump import Pump
+from streamllm.tiers.h1stream import H1StreamClient, StreamFailed, StreamResponse
 from streamllm.tiers.transport import PlainHTTPTransport
 
 _CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
@@ -71,6 +74,16 @@ def has_output(chunk: dict[str, Any]) -> bool:
 _JSON = {"content-type": "application/json"}
 
 
+def _direct_http(url: str) -> bool:
+    """Plain http:// that the environment does not send through a proxy."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    if "http" not in urllib.request.getproxies():
+        return True
+    return bool(urllib.request.proxy_bypass(parts.hostname or ""))
+
+
 def _json_bytes(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -95,6 +108,11 @@ class OpenAIHTTPBackend:
             max_connections=settings.max_connections,
             max_keepalive_connections=settings.max_connections,
         )
+        # Streamed completions over plain HTTP take the lean path (tiers/h1stream.py).
+        self._h1 = (
+            H1StreamClient(self.base_url, headers, max_idle=settings.max_connections)
+            if settings.stream_client == "auto" and _direct_http(self.base_url) else None
+        )
         self.client = httpx2.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -105,6 +123,8 @@ class OpenAIHTTPBackend:
         )
 
     async def aclose(self) -> None:
+        if self._h1 is not None:
+            self._h1.close()
         await self.client.aclose()
 
     def _failed(self, what: str, exc: BaseException | None = None) -> BackendFailed:
@@ -131,6 +151,22 @@ class OpenAIHTTPBackend:
             raise self._failed("answered without choices")
         return data
 
+    async def _post_stream(self, body: dict[str, Any]) -> "_BodySource":
+        payload = _json_bytes(body)
+        if self._h1 is not None:
+            try:
+                return _H1Source(await self._h1.post("/chat/completions", payload,
+                                                     self._timeouts.connect))
+            except StreamFailed as e:
+                raise self._failed("could not be reached", e) from None
+        try:
+            request = self.client.build_request(
+                "POST", "/chat/completions", content=payload, headers=_JSON
+            )
+            return _HttpxSource(await self.client.send(request, stream=True))
+        except httpx2.HTTPError as e:
+            raise self._failed("could not be reached", e) from None
+
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         t = self._timeouts
         loop = asyncio.get_running_loop()
@@ -139,21 +175,13 @@ class OpenAIHTTPBackend:
         first_deadline = min(started + t.first_token, deadline)
         try:
             async with asyncio.timeout_at(first_deadline):
-                request = self.client.build_request(
-                    "POST", "/chat/completions", content=_json_bytes(body), headers=_JSON
-                )
-                resp = await self.client.send(request, stream=True)
+                source = await self._post_stream(body)
         except TimeoutError:
             raise self._failed(f"sent no response within {t.first_token:g}s") from None
-        except httpx2.HTTPError as e:
-            raise self._failed("could not be reached", e) from None
-        pump: Pump | None = None
         try:
-            if resp.status_code != 200:
-                await resp.aread()
-                raise classify_status(self.tier, resp.status_code, resp.text)
+            if source.status != 200:
+                raise classify_status(self.tier, source.status, await source.text())
             decoder = SSEBytesDecoder()
-            pump = Pump(resp.aiter_raw())
             seen_output = finish_seen = done = eof = False
             while not (done or eof):
                 until = deadline if seen_output else first_deadline
@@ -161,13 +189,13 @@ class OpenAIHTTPBackend:
                     until = min(until, loop.time() + t.between_tokens)
                 try:
                     async with asyncio.timeout_at(until):
-                        data = await pump.take()
+                        data = await source.take()
                     events = decoder.feed(data) if data else decoder.flush()
                     eof = not data
                 except TimeoutError:
                     phase = "between tokens" if seen_output else "before the first token"
                     raise self._failed(f"stalled {phase}") from None
-                except httpx2.HTTPError as e:
+                except (httpx2.HTTPError, StreamFailed) as e:
                     raise self._failed("broke the stream", e) from None
                 batch = []
                 for data in events:
@@ -189,13 +217,9 @@ class OpenAIHTTPBackend:
             if not (done or finish_seen):
                 raise self._failed("ended the stream before finishing")
             if not eof:
-                await self._drain(pump, loop.time() + t.between_tokens)
+                await source.drain(loop.time() + t.between_tokens)
         finally:
-            try:
-                if pump is not None:
-                    await pump.aclose()
-            finally:
-                await resp.aclose()
+            await source.aclose()
 
     def _parse_chunk(self, data: str) -> dict[str, Any]:
         try:
@@ -208,18 +232,6 @@ class OpenAIHTTPBackend:
             message, _ = _error_message(chunk, "error event")
             raise self._failed(f"reported an error mid-stream: {message}")
         return chunk
-
-    @staticmethod
-    async def _drain(pump: Pump, until: float) -> None:
-        """Read what is left after `[DONE]` (the chunked terminator) so that the connection goes
-        back to the pool; closing a response that is not fully read closes the connection, and
-        the next request would pay for a new one."""
-        try:
-            async with asyncio.timeout_at(until):
-                while await pump.take():
-                    pass
-        except (TimeoutError, httpx2.HTTPError):
-            pass  # the connection is simply not reused
 
     async def probe(self) -> ProbeResult:
         start = time.perf_counter()
@@ -235,3 +247,63 @@ class OpenAIHTTPBackend:
         except (ValueError, KeyError, AttributeError):
             models = []
         return ProbeResult(True, "ok", models, latency_ms=ms)
+
+
+class _BodySource:
+    """A streamed response body, read as "everything that has arrived since the last read"."""
+
+    status: int
+
+    async def take(self) -> bytes: ...
+
+    async def text(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+    async def drain(self, until: float) -> None:
+        """Read what is left after `[DONE]` (the chunked terminator) so that the connection
+        can be reused; closing a half-read response closes its connection."""
+        try:
+            async with asyncio.timeout_at(until):
+                while await self.take():
+                    pass
+        except (TimeoutError, httpx2.HTTPError, StreamFailed):
+            pass  # the connection is simply not reused
+
+
+class _H1Source(_BodySource):
+    def __init__(self, resp: StreamResponse):
+        self._resp = resp
+        self.status = resp.status
+
+    async def take(self) -> bytes:
+        return await self._resp.take()
+
+    async def text(self) -> str:
+        return (await self._resp.read()).decode("utf-8", "replace")
+
+    async def aclose(self) -> None:
+        self._resp.close()
+
+
+class _HttpxSource(_BodySource):
+    def __init__(self, resp: httpx2.Response):
+        self._resp = resp
+        self.status = resp.status_code
+        self._pump: Pump | None = None
+
+    async def take(self) -> bytes:
+        if self._pump is None:
+            self._pump = Pump(self._resp.aiter_raw())
+        return await self._pump.take()
+
+    async def text(self) -> str:
+        await self._resp.aread()
+        return self._resp.text
+
+    async def aclose(self) -> None:
+        try:
+            if self._pump is not None:
+                await self._pump.aclose()
+        finally:
+            await self._resp.aclose()
