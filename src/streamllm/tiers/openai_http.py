@@ -28,7 +28,6 @@ from streamllm.protocol.sse import SSEBytesDecoder
 from streamllm.tiers.base import Chunk, ProbeResult
 from streamllm.tiers.pump import Pump
 from streamllm.tiers.h1stream import H1StreamClient, StreamFailed, StreamResponse
-from streamllm.tiers.transport import PlainHTTPTransport
 
 _CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
 
@@ -119,7 +118,6 @@ class OpenAIHTTPBackend:
             # read=None: between-token and first-token limits are enforced per chunk below.
             timeout=httpx2.Timeout(connect=t.connect, read=None, write=t.connect, pool=t.connect),
             limits=limits,
-            transport=PlainHTTPTransport(limits) if self.base_url.startswith("http:") else None,
         )
 
     async def aclose(self) -> None:
