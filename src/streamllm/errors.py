@@ -86,3 +86,48 @@ class TierUnavailable(StreamError):
 
 class ConfigError(Exception):
     """The configuration file or environment is invalid; the message says where and why."""
+
+
+class RelayError(StreamError):
+    """Something about the relay channel is wrong; the backstop result may still save the day."""
+
+    status = 502
+    type = "upstream_error"
+    code = "relay_error"
+
+
+class RelayFrameInvalid(RelayError):
+    """A frame that is not a well-formed frame of this protocol (or over the size limit)."""
+
+
+class RelayTampered(RelayError):
+    """A sealed frame failed authentication: its bytes or header were changed."""
+
+
+class RelayReplayed(RelayError):
+    """A frame arrived a second time (its sequence number was already accepted)."""
+
+
+class RelayReordered(RelayError):
+    """A frame arrived ahead of its turn: an earlier one is missing or was moved."""
+
+
+class RelayTruncated(RelayError):
+    """The stream ended without its final frame, or the final frame's count disagrees."""
+
+
+class RelaySpliced(RelayError):
+    """A frame belonging to another channel was inserted into this one."""
+
+
+class RelayPlaintext(RelayError):
+    """An unsealed frame arrived on a channel that requires encryption."""
+
+
+class TokenRejected(StreamError):
+    """A relay capability token is malformed, forged, for another channel or role, expired or
+    already used."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_relay_token"
