@@ -117,3 +117,24 @@ def test_sim_command_serves_openai_api():
         assert resp.usage.completion_tokens == 4
     finally:
         srv.stop()
+
+
+def test_relay_command_serves_and_requires_a_secret():
+    proc = subprocess.run(
+        [STREAMLLM, "relay", "--port", str(closed_port())], env=clean_env(),
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and "secret" in proc.stderr
+    proc = subprocess.run(
+        [STREAMLLM, "relay", "--host", "0.0.0.0", "--port", str(closed_port())],
+        env=clean_env(STREAMLLM_RELAY_SECRET="s" * 32), capture_output=True, text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "without TLS" in proc.stderr
+    port = closed_port()
+    srv = Running(["relay", "--port", str(port)],
+                  clean_env(STREAMLLM_RELAY_SECRET="s" * 32), "relay on ws://")
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        srv.stop()

@@ -127,5 +127,71 @@ def sim(
     uvicorn.run(Simulator(settings).app, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def relay(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM).")] = None,
+    secret_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File holding the token secret shared with the gateway "
+                          "(else $STREAMLLM_RELAY_SECRET)."),
+    ] = None,
+    idle_s: Annotated[float, typer.Option(help="Close channels idle this long.")] = 300.0,
+    max_channels: Annotated[int, typer.Option(help="Most channels open at once.")] = 10_000,
+) -> None:
+    """Run the WebSocket relay that HPC workers and gateways both dial out to."""
+    import asyncio
+    import os
+    import signal
+    import ssl
+
+    from streamllm.relay.server import RelayLimits, RelayServer
+
+    secret = (
+        secret_file.read_bytes().strip() if secret_file
+        else os.environ.get("STREAMLLM_RELAY_SECRET", "").encode()
+    )
+    if len(secret) < 32:
+        typer.echo(
+            "streamllm relay: a token secret of at least 32 bytes is required "
+            "(--secret-file or STREAMLLM_RELAY_SECRET); the gateway must use the same one.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if (tls_cert is None) != (tls_key is None):
+        typer.echo("streamllm relay: --tls-cert and --tls-key go together", err=True)
+        raise typer.Exit(2)
+    context = None
+    if tls_cert and tls_key:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_cert, tls_key)
+    elif not _is_loopback(host):
+        typer.echo(
+            f"streamllm relay: refusing to serve {host} without TLS (--tls-cert/--tls-key)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _setup_logging("info")
+
+    async def run() -> None:
+        server = await RelayServer(
+            secret, RelayLimits(idle_s=idle_s, max_channels=max_channels)
+        ).start(host, port, ssl=context)
+        scheme = "wss" if context else "ws"
+        logging.getLogger("streamllm.relay").info(
+            "relay on %s://%s:%d (health at /health)", scheme, host, server.port
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(run())
+
+
 if __name__ == "__main__":
     app()
