@@ -1,0 +1,141 @@
+"""Control planes: how a job reaches the cluster. One interface, shaped like an Executor.
+
+- `local`: a process pool on this machine, for the smallest setups.
+- `parsl`: a Parsl HighThroughputExecutor; `LocalProvider` by default (one machine, what tests
+  and the demo use as the stand-in for a remote endpoint), Slurm or PBS on a cluster.
+
+Every submission carries an idempotency key: a client's retry of the same request gets the
+future of the job already running instead of starting a second GPU job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class ControlPlane(Protocol):
+    name: str
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalControlPlane:
+    name = "local"
+
+    def __init__(self, max_workers: int = 4):
+        self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=max_workers)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        return self._pool.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ParslControlPlane:
+    """A private Parsl DataFlowKernel (not Parsl's global one), so several can coexist."""
+
+    name = "parsl"
+
+    def __init__(
+        self,
+        run_dir: str,
+        provider: str = "local",
+        max_workers: int = 4,
+        provider_options: dict[str, Any] | None = None,
+        address: str = "127.0.0.1",
+    ):
+        from parsl.config import Config
+        from parsl.dataflow.dflow import DataFlowKernel
+        from parsl.executors import HighThroughputExecutor
+
+        options = dict(provider_options or {})
+        # Parsl starts its interchange and worker pool as console scripts found on PATH; in an
+        # unactivated virtualenv they sit beside this interpreter, so make sure PATH has them.
+        scripts = os.path.dirname(sys.executable)
+        if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+        if provider == "local":
+            from parsl.providers import LocalProvider
+
+            options.setdefault("init_blocks", 1)
+            options.setdefault("min_blocks", 1)
+            options.setdefault("max_blocks", 1)
+            chosen: Any = LocalProvider(**options)
+        elif provider == "slurm":
+            from parsl.providers import SlurmProvider
+
+            chosen = SlurmProvider(**options)
+        elif provider == "pbspro":
+            from parsl.providers import PBSProProvider
+
+            chosen = PBSProProvider(**options)
+        else:
+            raise ValueError(f"unknown Parsl provider {provider!r} (local, slurm, pbspro)")
+        os.makedirs(run_dir, exist_ok=True)
+        config = Config(
+            executors=[
+                HighThroughputExecutor(
+                    label="stream_hpc",
+                    provider=chosen,
+                    address=address,
+                    max_workers_per_node=max_workers,
+                )
+            ],
+            run_dir=run_dir,
+            usage_tracking=0,  # Parsl must not report usage anywhere
+            initialize_logging=False,
+            strategy="none" if provider == "local" else "simple",
+        )
+        self._dfk = DataFlowKernel(config)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        from parsl import python_app
+
+        return python_app(fn, data_flow_kernel=self._dfk, executors=["stream_hpc"])(*args)
+
+    def shutdown(self) -> None:
+        self._dfk.cleanup()
+
+
+class IdempotentSubmitter:
+    """Remembers recent submissions by key so that a retried request joins the running job."""
+
+    def __init__(self, plane: ControlPlane, ttl_s: float = 600.0, max_keys: int = 10_000):
+        self.plane = plane
+        self._ttl = ttl_s
+        self._max = max_keys
+        self._jobs: OrderedDict[str, tuple[float, concurrent.futures.Future[Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.submitted = 0  # how many jobs really reached the control plane
+
+    def submit(
+        self, key: str, fn: Callable[..., Any], *args: Any
+    ) -> tuple[concurrent.futures.Future[Any], bool]:
+        """The job's future, and whether this call started it (False: joined an earlier one)."""
+        now = time.monotonic()
+        with self._lock:
+            while self._jobs:
+                oldest_key, (at, _) = next(iter(self._jobs.items()))
+                if now - at <= self._ttl and len(self._jobs) < self._max:
+                    break
+                del self._jobs[oldest_key]
+            known = self._jobs.get(key)
+            if known is not None:
+                future = known[1]
+                # A job that failed may be retried for real; one running or done is joined.
+                if not (future.done() and future.exception() is not None):
+                    return future, False
+            future = self.plane.submit(fn, *args)
+            self.submitted += 1
+            self._jobs[key] = (now, future)
+            return future, True

@@ -1,0 +1,67 @@
+"""Control planes run the real worker function: a process pool and a local Parsl engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamllm.config import SimModelSettings, SimSettings
+from streamllm.hpc.control import IdempotentSubmitter, LocalControlPlane, ParslControlPlane
+from streamllm.hpc.worker import run_completion
+from streamllm.serving import ServerThread
+from streamllm.sim.app import Simulator
+from streamllm.sim.content import answer_text
+from tests.conftest import closed_port
+
+MESSAGES = [{"role": "user", "content": "what is queued on the cluster?"}]
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=12)}))
+    with ServerThread(sim.app) as server:
+        yield sim, f"{server.url}/v1"
+
+
+def job(backend_url: str) -> dict:
+    # No relay reachable: the answer comes back through the control plane alone (batch mode).
+    return {
+        "relay_url": f"ws://127.0.0.1:{closed_port()}",
+        "channel": "ctl",
+        "producer_token": "unused",
+        "key": None,
+        "backend_url": backend_url,
+        "body": {"model": "m", "messages": MESSAGES},
+        "relay_connect_s": 1.0,
+    }
+
+
+@pytest.fixture(scope="module", params=["local", "parsl"])
+def plane(request, tmp_path_factory):
+    if request.param == "local":
+        p = LocalControlPlane(max_workers=2)
+    else:
+        pytest.importorskip("parsl", reason="the [parsl] extra is part of the test install")
+        p = ParslControlPlane(str(tmp_path_factory.mktemp("parsl")), max_workers=2)
+    yield p
+    p.shutdown()
+
+
+def test_control_plane_runs_the_worker_and_returns_the_backstop(plane, vllm):
+    _, backend = vllm
+    result = plane.submit(run_completion, job(backend)).result(timeout=120)
+    assert result["choices"][0]["content"] == answer_text("m", MESSAGES, 12)
+    assert result["relay_error"].startswith("relay unreachable")
+
+
+def test_retried_request_joins_the_running_job(plane, vllm):
+    sim, backend = vllm
+    before = len(sim.log)
+    submitter = IdempotentSubmitter(plane)
+    first, started = submitter.submit("req-1", run_completion, job(backend))
+    again, started_again = submitter.submit("req-1", run_completion, job(backend))
+    assert started and not started_again and again is first
+    first.result(timeout=120)
+    done_again, _ = submitter.submit("req-1", run_completion, job(backend))
+    assert done_again is first
+    assert submitter.submitted == 1
+    assert len(sim.log) - before == 1, "one GPU job for three submissions"
