@@ -133,3 +133,72 @@ def test_worker_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()
     assert out == "[]"
+
+
+def _batch_job(backend: str) -> dict:
+    """A job whose relay is unreachable: its answer comes back only as the returned result."""
+    return {
+        "relay_url": f"ws://127.0.0.1:{closed_port()}", "channel": "fresh",
+        "producer_token": "unused", "key": None, "backend_url": backend,
+        "body": {"model": "m", "messages": MESSAGES}, "relay_connect_s": 2.0,
+    }
+
+
+def test_worker_survives_globus_compute_serializer_in_another_interpreter(vllm):
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    _, backend = vllm
+    ser = ComputeSerializer()
+    packed = json.dumps({"fn": ser.serialize(run_completion), "args": ser.serialize((_batch_job(backend),))})
+    runner = (
+        "import json, sys\n"
+        "from globus_compute_sdk.serialize import ComputeSerializer\n"
+        "ser = ComputeSerializer()\n"
+        "packed = json.loads(sys.stdin.read())\n"
+        "fn, args = ser.deserialize(packed['fn']), ser.deserialize(packed['args'])\n"
+        "print(ser.serialize(fn(*args)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", runner], input=packed, capture_output=True,
+                         text=True, check=True, timeout=120).stdout.strip()
+    result = ser.deserialize(out)
+    assert result["choices"][0]["content"] == answer_text("m", MESSAGES, 40)
+
+
+def test_worker_runs_with_only_its_declared_dependencies(vllm, tmp_path):
+    """A fresh interpreter without site-packages, given only cryptography, cffi, websockets and
+    the worker's own modules, runs a job."""
+    import pathlib
+    import shutil
+
+    import cffi
+    import cryptography
+    import websockets
+
+    import streamllm
+
+    _, backend = vllm
+    site = tmp_path / "site"
+    (site / "streamllm" / "relay").mkdir(parents=True)
+    (site / "streamllm" / "hpc").mkdir(parents=True)
+    src = pathlib.Path(streamllm.__file__).parent
+    for rel in ("__init__.py", "errors.py", "relay/__init__.py", "relay/frames.py",
+                "relay/crypto.py", "hpc/__init__.py", "hpc/worker.py"):
+        shutil.copy(src / rel, site / "streamllm" / rel)
+    packages = pathlib.Path(cryptography.__file__).parent.parent
+    for name in ("cryptography", "cffi", "websockets"):
+        (site / name).symlink_to(packages / name)
+    for backend_so in packages.glob("_cffi_backend*.so"):
+        (site / backend_so.name).symlink_to(backend_so)
+    assert cffi and websockets  # imported above only to locate them
+    runner = (
+        "import json, sys\n"
+        "from streamllm.hpc.worker import run_completion\n"
+        "print(json.dumps(run_completion(json.loads(sys.stdin.read()))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", runner], input=json.dumps(_batch_job(backend)),
+        capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(site)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["choices"][0]["content"] == answer_text("m", MESSAGES, 40)
