@@ -30,8 +30,13 @@ def test_sse_round_trip(objs):
 
 
 @given(
-    st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=12),
-             min_size=1, max_size=6),
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+            max_size=12,
+        ),
+        min_size=1, max_size=6,
+    ),
     st.sampled_from(["\n", "\r\n"]),
     st.lists(st.integers(1, 9), max_size=30),
 )
@@ -54,6 +59,16 @@ def test_sse_bytes_decoder_multiline_and_unterminated_last_event():
     assert d.feed(b"data: a\r\ndata: b\r") == []
     assert d.feed(b"\n\r\ndata: [DONE]") == ["a\nb"]
     assert d.flush() == ["[DONE]"]
+
+
+def test_sse_encode_survives_lone_surrogates_and_decode_survives_bad_utf8():
+    import json
+
+    from streamllm.protocol.sse import SSEBytesDecoder
+
+    out = encode({"content": "\ud800x"})
+    assert json.loads(out[6:-2]) == {"content": "\ud800x"}
+    assert SSEBytesDecoder().feed(b'data: {"c":"\xff"}\n\n') == ['{"c":"\ufffd"}']
 
 
 def test_sse_decoder_skips_comments_and_joins_multiline_data():

@@ -10,7 +10,11 @@ DONE = b"data: [DONE]\n\n"
 
 def encode(obj: Any) -> bytes:
     """One event: `data: {json}` and a blank line, compact JSON as OpenAI sends it."""
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate from a backend's "\ud800" escape
+        text = json.dumps(obj, separators=(",", ":")).encode()
+    return b"data: " + text + b"\n\n"
 
 
 class SSEBytesDecoder:
@@ -44,13 +48,13 @@ class SSEBytesDecoder:
 
 def _event_data(block: bytes) -> str | None:
     if block.startswith(b"data: ") and b"\n" not in block:
-        return block[6:].decode()  # the common case: one `data:` line
+        return block[6:].decode(errors="replace")  # the common case: one `data:` line
     parts = []
     for line in block.split(b"\n"):
         if line.startswith(b"data:"):
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
-    return b"\n".join(parts).decode() if parts else None
+    return b"\n".join(parts).decode(errors="replace") if parts else None
 
 
 class SSEDecoder:
