@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from streamllm.config import RoutingSettings, Settings, TierSettings, load_settings
 from streamllm.errors import CloudNotAllowed, ConfigError, ModelNotFound
-from streamllm.protocol.sse import SSEDecoder, encode
+from streamllm.protocol.sse import SSEBytesDecoder, encode
 from streamllm.routing import RoutingPolicy, RulesJudge
 from streamllm.tiers.adapt import backend_body
 
@@ -19,13 +19,10 @@ from streamllm.tiers.adapt import backend_body
 def test_sse_round_trip(objs):
     import json
 
-    decoder = SSEDecoder()
+    decoder = SSEBytesDecoder()
     out = []
     for obj in objs:
-        for line in encode(obj).decode().split("\n"):
-            data = decoder.feed(line)
-            if data is not None:
-                out.append(json.loads(data))
+        out += [json.loads(data) for data in decoder.feed(encode(obj))]
     assert out == objs
 
 
@@ -41,7 +38,6 @@ def test_sse_round_trip(objs):
     st.lists(st.integers(1, 9), max_size=30),
 )
 def test_sse_bytes_decoder_any_split_any_line_ending(datas, eol, cuts):
-    from streamllm.protocol.sse import SSEBytesDecoder
 
     wire = "".join(f": ping{eol}data: {d}{eol}{eol}" for d in datas).encode()
     decoder, out, pos = SSEBytesDecoder(), [], 0
@@ -53,7 +49,6 @@ def test_sse_bytes_decoder_any_split_any_line_ending(datas, eol, cuts):
 
 
 def test_sse_bytes_decoder_multiline_and_unterminated_last_event():
-    from streamllm.protocol.sse import SSEBytesDecoder
 
     d = SSEBytesDecoder()
     assert d.feed(b"data: a\r\ndata: b\r") == []
@@ -64,7 +59,6 @@ def test_sse_bytes_decoder_multiline_and_unterminated_last_event():
 def test_sse_encode_survives_lone_surrogates_and_decode_survives_bad_utf8():
     import json
 
-    from streamllm.protocol.sse import SSEBytesDecoder
 
     out = encode({"content": "\ud800x"})
     assert json.loads(out[6:-2]) == {"content": "\ud800x"}
@@ -72,12 +66,10 @@ def test_sse_encode_survives_lone_surrogates_and_decode_survives_bad_utf8():
 
 
 def test_sse_decoder_skips_comments_and_joins_multiline_data():
-    d = SSEDecoder()
-    assert d.feed(": keep-alive") is None
-    assert d.feed("") is None
-    assert d.feed("data: a") is None
-    assert d.feed("data:b") is None
-    assert d.feed("") == "a\nb"
+    d = SSEBytesDecoder()
+    assert d.feed(b": keep-alive\n\n") == []
+    assert d.feed(b"data: a\ndata:b\n") == []
+    assert d.feed(b"\n") == ["a\nb"]
 
 
 # -- adaptation --------------------------------------------------------------------------------

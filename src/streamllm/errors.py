@@ -53,10 +53,9 @@ class BackendFailed(StreamError):
     type = "upstream_error"
     code = "backend_error"
 
-    def __init__(self, message: str, *, tier: str = "", retryable: bool = True, **kw):
+    def __init__(self, message: str, *, tier: str = "", **kw):
         super().__init__(message, **kw)
         self.tier = tier
-        self.retryable = retryable
 
 
 class BackendRateLimited(BackendFailed):
@@ -73,15 +72,11 @@ class BackendRejected(StreamError):
 
 
 class TierUnavailable(StreamError):
-    """No candidate tier could serve the request; `attempts` says what each one answered."""
+    """No candidate tier could serve the request; the message says what each one answered."""
 
     status = 503
     type = "service_unavailable"
     code = "tier_unavailable"
-
-    def __init__(self, message: str, *, attempts: list[str] | None = None, **kw):
-        super().__init__(message, **kw)
-        self.attempts = attempts or []
 
 
 class ConfigError(Exception):

@@ -164,9 +164,8 @@ class ChatHandler:
             return failures[-1]
         if failures and all(isinstance(f, BackendRateLimited) for f in failures):
             return failures[-1]
-        tried = [f.message for f in failures]
         return TierUnavailable(
-            "no tier could serve this request: " + "; ".join(tried), attempts=tried
+            "no tier could serve this request: " + "; ".join(f.message for f in failures)
         )
 
     def _note_failure(self, cand: Candidate, err: StreamError) -> None:

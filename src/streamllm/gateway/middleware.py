@@ -11,7 +11,6 @@ import uuid
 from typing import Any
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-STREAM_HEADERS = ("x-stream-tier", "x-stream-model", "x-stream-complexity", "x-stream-overhead-ms")
 
 
 class RequestContext:

@@ -176,11 +176,6 @@ class ChatCompletionRequest(_Open):
     def wants_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def output_limit(self) -> int | None:
-        """The client's cap on generated tokens, whichever of the two spellings it used."""
-        return self.max_completion_tokens or self.max_tokens
-
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
 

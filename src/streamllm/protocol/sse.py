@@ -1,4 +1,4 @@
-"""Server-sent events as OpenAI uses them, without I/O: encode chunks, decode `data:` lines."""
+"""Server-sent events as OpenAI uses them, without I/O: encode chunks, decode raw bytes."""
 
 from __future__ import annotations
 
@@ -55,31 +55,3 @@ def _event_data(block: bytes) -> str | None:
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(parts).decode(errors="replace") if parts else None
-
-
-class SSEDecoder:
-    """Feed lines (without newline); get back each complete event's data, or None.
-
-    Comment lines (`:` keep-alives) and other fields are skipped; multi-line data is joined
-    with newlines as the SSE specification says.
-    """
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        if line == "":
-            if not self._data:
-                return None
-            data, self._data = "\n".join(self._data), []
-            return data
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        if field == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        """The last event when a stream ended without its blank line."""
-        return self.feed("")

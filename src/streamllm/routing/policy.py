@@ -133,7 +133,5 @@ class RoutingPolicy:
             # request with nowhere to go.
             candidates = sorted(candidates, key=lambda c: not healthy(c.tier))
         if not candidates:
-            raise TierUnavailable(
-                "no tier is configured that this request may use", attempts=[]
-            )
+            raise TierUnavailable("no tier is configured that this request may use")
         return Route(candidates, complexity, reason, judgement)

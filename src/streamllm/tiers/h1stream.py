@@ -37,7 +37,6 @@ class _Connection(asyncio.Protocol):
         self._error: Exception | None = None
         self._paused = False
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
         self.reusable = False
         self.closed = False
 
@@ -65,9 +64,6 @@ class _Connection(asyncio.Protocol):
         return None
 
     # -- httptools callbacks ------------------------------------------------------------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
         if not self._headers_done.done():
@@ -100,7 +96,7 @@ class _Connection(asyncio.Protocol):
         self._body = bytearray()
         self._complete = False
         self._error = None
-        self.status, self.headers, self.reusable = 0, [], False
+        self.status, self.reusable = 0, False
         assert self.transport is not None
         self.transport.write(request)
 
@@ -140,7 +136,6 @@ class StreamResponse:
     def __init__(self, conn: _Connection):
         self._conn = conn
         self.status = conn.status
-        self.headers = conn.headers
 
     async def take(self) -> bytes:
         return await self._conn.take()
