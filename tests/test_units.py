@@ -38,7 +38,6 @@ def test_sse_round_trip(objs):
     st.lists(st.integers(1, 9), max_size=30),
 )
 def test_sse_bytes_decoder_any_split_any_line_ending(datas, eol, cuts):
-
     wire = "".join(f": ping{eol}data: {d}{eol}{eol}" for d in datas).encode()
     decoder, out, pos = SSEBytesDecoder(), [], 0
     for cut in cuts:

@@ -238,18 +238,22 @@ class RelayServer:
                 if channel.finished and channel.delivered >= channel.next_seq:
                     await upstream  # the consumer closes once it has the final frame
                     return
+                if upstream.done():
+                    return
                 channel.arrived.clear()
                 if channel.delivered < channel.next_seq:
                     continue
-                waiter = asyncio.ensure_future(channel.arrived.wait())
-                await asyncio.wait((waiter, upstream), return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if upstream.done():
-                    return
+                await channel.arrived.wait()  # set by a new frame or by `upstream` ending
         finally:
             upstream.cancel()
 
     async def _upstream(self, conn: ServerConnection, channel: Channel) -> None:
+        try:
+            await self._forward_up(conn, channel)
+        finally:
+            channel.arrived.set()  # wakes the consumer's sender to notice its client left
+
+    async def _forward_up(self, conn: ServerConnection, channel: Channel) -> None:
         async for message in conn:
             try:
                 self._check(message, Direction.UP)
