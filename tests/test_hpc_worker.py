@@ -9,15 +9,12 @@ import sys
 
 import pytest
 
-from streamllm.config import SimModelSettings, SimSettings
 from streamllm.hpc.worker import run_completion
 from streamllm.relay.client import dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
 from streamllm.relay.frames import Direction, FrameType
 from streamllm.relay.server import RelayServer
 from streamllm.relay.tokens import mint
-from streamllm.serving import ServerThread
-from streamllm.sim.app import Simulator
 from streamllm.sim.content import answer_text
 from tests.conftest import closed_port
 
@@ -26,14 +23,13 @@ MESSAGES = [{"role": "user", "content": "summarise the cluster queue"}]
 
 
 @pytest.fixture
-def vllm():
-    sim = Simulator(SimSettings(models={
-        "m": SimModelSettings(answer_tokens=40),
-        "slow": SimModelSettings(answer_tokens=400, tokens_per_s=40),
-        "broken": SimModelSettings(error_rate=1.0),
-    }))
-    with ServerThread(sim.app) as server:
-        yield sim, f"{server.url}/v1"
+def vllm(start_sim):
+    running = start_sim({
+        "m": {"answer_tokens": 40},
+        "slow": {"answer_tokens": 400, "tokens_per_s": 40},
+        "broken": {"error_rate": 1.0},
+    })
+    return running.sim, running.url
 
 
 @pytest.fixture

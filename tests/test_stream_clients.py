@@ -186,3 +186,41 @@ async def test_lean_client_applies_backpressure_and_loses_nothing():
     finally:
         client.close()
         server.close()
+
+
+class RecordingTransport:
+    """Stands in for the socket under the client's protocol, recording flow-control calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.written = b""
+
+    def write(self, data):
+        self.written += data
+
+    def pause_reading(self):
+        self.calls.append("pause")
+
+    def resume_reading(self):
+        self.calls.append("resume")
+
+    def abort(self):
+        self.calls.append("abort")
+
+
+async def test_lean_client_pauses_the_backend_when_its_buffer_is_full_and_resumes_on_read():
+    from streamllm.tiers.h1stream import _Connection
+
+    conn = _Connection(on_idle=lambda c: None)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.start(b"POST /x HTTP/1.1\r\n\r\n")
+    body = b"x" * (3 << 19)  # 1.5 MiB, over the 1 MiB limit
+    conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+    await conn.response_started()
+    for i in range(0, len(body), 1 << 16):
+        conn.data_received(body[i:i + (1 << 16)])
+    assert transport.calls == ["pause"]
+    assert len(await conn.take()) == len(body)
+    assert transport.calls == ["pause", "resume"]
+    assert await conn.take() == b""
