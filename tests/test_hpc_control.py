@@ -57,11 +57,13 @@ def test_retried_request_joins_the_running_job(plane, vllm):
     sim, backend = vllm
     before = len(sim.log)
     submitter = IdempotentSubmitter(plane)
-    first, started = submitter.submit("req-1", run_completion, job(backend))
-    again, started_again = submitter.submit("req-1", run_completion, job(backend))
-    assert started and not started_again and again is first
-    first.result(timeout=120)
-    done_again, _ = submitter.submit("req-1", run_completion, job(backend))
-    assert done_again is first
+    original = job(backend)
+    first = submitter.submit("req-1", run_completion, original)
+    again = submitter.submit("req-1", run_completion, job(backend))
+    assert first.started and not again.started and again.future is first.future
+    assert again.args == (original,), "a joiner learns the running job's channel and key"
+    first.future.result(timeout=120)
+    done_again = submitter.submit("req-1", run_completion, job(backend))
+    assert done_again.future is first.future
     assert submitter.submitted == 1
     assert len(sim.log) - before == 1, "one GPU job for three submissions"

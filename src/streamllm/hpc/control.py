@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -107,6 +108,13 @@ class ParslControlPlane:
         self._dfk.cleanup()
 
 
+@dataclass
+class Submission:
+    future: concurrent.futures.Future[Any]
+    started: bool  # False: this call joined a job an earlier call started
+    args: tuple[Any, ...]  # the arguments the job was really started with
+
+
 class IdempotentSubmitter:
     """Remembers recent submissions by key so that a retried request joins the running job."""
 
@@ -114,14 +122,12 @@ class IdempotentSubmitter:
         self.plane = plane
         self._ttl = ttl_s
         self._max = max_keys
-        self._jobs: OrderedDict[str, tuple[float, concurrent.futures.Future[Any]]] = OrderedDict()
+        self._jobs: OrderedDict[str, tuple[float, Submission]] = OrderedDict()
         self._lock = threading.Lock()
         self.submitted = 0  # how many jobs really reached the control plane
 
-    def submit(
-        self, key: str, fn: Callable[..., Any], *args: Any
-    ) -> tuple[concurrent.futures.Future[Any], bool]:
-        """The job's future, and whether this call started it (False: joined an earlier one)."""
+    def submit(self, key: str, fn: Callable[..., Any], *args: Any) -> Submission:
+        """Start `fn(*args)`, or join the job an earlier call with the same key started."""
         now = time.monotonic()
         with self._lock:
             while self._jobs:
@@ -131,11 +137,11 @@ class IdempotentSubmitter:
                 del self._jobs[oldest_key]
             known = self._jobs.get(key)
             if known is not None:
-                future = known[1]
+                job = known[1]
                 # A job that failed may be retried for real; one running or done is joined.
-                if not (future.done() and future.exception() is not None):
-                    return future, False
-            future = self.plane.submit(fn, *args)
+                if not (job.future.done() and job.future.exception() is not None):
+                    return Submission(job.future, False, job.args)
+            job = Submission(self.plane.submit(fn, *args), True, args)
             self.submitted += 1
-            self._jobs[key] = (now, future)
-            return future, True
+            self._jobs[key] = (now, job)
+            return job

@@ -90,7 +90,7 @@ class _Relay:
         return self._sealer.seq
 
 
-class _Backstop:
+class Backstop:
     """Everything the stream said, put together: text, tool calls, finish reasons, usage."""
 
     def __init__(self) -> None:
@@ -166,8 +166,10 @@ def run_completion(job: dict[str, Any]) -> dict[str, Any]:
     channel), backend_url, body (the chat request), optional api_key_env, backend_timeout_s.
     """
     started = time.monotonic()
+    started_at = time.time()  # wall clock, so the gateway can tell dispatch from generation
+    first_chunk_at: float | None = None
     relay = _Relay(job)
-    backstop = _Backstop()
+    backstop = Backstop()
     error: dict[str, Any] | None = None
     conn = None
     try:
@@ -193,6 +195,8 @@ def run_completion(job: dict[str, Any]) -> dict[str, Any]:
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
+                if first_chunk_at is None:
+                    first_chunk_at = time.time()
                 backstop.add(chunk)
                 relay.send(FrameType.DATA, chunk)
     except Exception as e:  # the backend failed: say so on both channels
@@ -214,4 +218,6 @@ def run_completion(job: dict[str, Any]) -> dict[str, Any]:
         relay_error=relay.error,
         frames=frames,
         seconds=round(time.monotonic() - started, 3),
+        started_at=started_at,
+        first_chunk_at=first_chunk_at,
     )

@@ -23,6 +23,19 @@ class ProbeResult:
     latency_ms: float = 0.0
 
 
+@dataclass
+class Dispatch:
+    """What a backend is told about one request beyond its body, and what it reports back.
+
+    `idempotency_key` identifies a client's request across its retries (the HPC tier joins a
+    job already running instead of starting a second one). `headers` are response headers the
+    backend wants the client to see, filled in before its first chunk (`x-stream-transport`).
+    """
+
+    idempotency_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class Backend(Protocol):
     """A place that runs chat completions.
 
@@ -33,11 +46,15 @@ class Backend(Protocol):
     tier: str
     name: str  # what logs and /health/ready call it: a URL or "simulator"
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> dict[str, Any]:
         """Non-streaming completion; `body` is already adapted for this backend."""
         ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+    def stream(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> AsyncIterator[list[Chunk]]:
         """Yield parsed chunks in batches: each batch is everything that arrived together, so
         a relay can forward it in one write. Closing the iterator (aclose) cancels the backend
         request."""

@@ -6,27 +6,37 @@ the control-plane future at the same time. If the relay fails or lies mid-stream
 the answer is taken from the future's result (the backstop) at the exact offset already sent,
 so the client gets every token once. If nothing arrives in time, the request fails over.
 
-Not yet wired into `streamllm serve` (see docs/relay.md); tested on its own.
+`transport="batch"` skips the relay: the whole answer arrives as the control-plane result, for
+sites with no relay and for comparison. A relay that cannot be reached degrades to the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import httpx2
 
 from streamllm.errors import BackendFailed, RelayError
 from streamllm.hpc.control import IdempotentSubmitter
-from streamllm.hpc.worker import run_completion
+from streamllm.hpc.worker import Backstop, run_completion
 from streamllm.relay.client import RelayLink, dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
 from streamllm.relay.frames import Direction, FrameType
 from streamllm.relay.tokens import mint
-from streamllm.tiers.base import Chunk
+from streamllm.tiers.base import Chunk, Dispatch, ProbeResult
+from streamllm.tiers.openai_http import classify_status
+
+log = logging.getLogger("streamllm.hpc")
+
+Transport = Literal["relay", "batch"]
 
 
 @dataclass
@@ -37,20 +47,28 @@ class HPCDeadlines:
     total: float = 1800.0
 
 
+_RESULT = object()  # queued when the control-plane future completes
+_LOST = object()  # queued when the relay connection ends without a final frame
+
+
 class HPCRelayBackend:
     def __init__(
         self,
         tier: str,
         submitter: IdempotentSubmitter,
-        relay_url: str,
-        relay_secret: bytes,
+        relay_url: str | None,
+        relay_secret: bytes | None,
         cluster_backend_url: str,
         deadlines: HPCDeadlines | None = None,
         encrypt: bool = True,
         token_ttl_s: float = 120.0,
+        transport: Transport = "relay",
+        api_key_env: str | None = None,
+        models: list[str] | None = None,
     ):
+        if transport == "relay" and (not relay_url or not relay_secret):
+            raise ValueError("the relay transport needs a relay URL and secret")
         self.tier = tier
-        self.name = f"hpc via {submitter.plane.name} + relay"
         self.submitter = submitter
         self.relay_url = relay_url
         self._secret = relay_secret
@@ -58,95 +76,144 @@ class HPCRelayBackend:
         self.deadlines = deadlines or HPCDeadlines()
         self.encrypt = encrypt
         self._ttl = token_ttl_s
+        self.transport = transport
+        self.api_key_env = api_key_env
+        self.models = list(models or [])
         self.healed = 0  # streams completed from the backstop after the relay failed
+        self.rejected: dict[str, int] = {}  # frames refused, by error type (tampered, ...)
+        via = f"relay at {relay_url}" if transport == "relay" else "batch results"
+        self.name = f"{submitter.plane.name} control plane, {via}"
 
     def _failed(self, what: str) -> BackendFailed:
         return BackendFailed(f"{self.tier} backend {what}", tier=self.tier)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+    def _job_error(self, error: dict[str, Any]) -> Exception:
+        status = error.get("status") or 502
+        return classify_status(self.tier, int(status), str(error.get("message") or ""))
+
+    # -- submission ------------------------------------------------------------------------------
+    def _submit(self, body: dict[str, Any], dispatch: Dispatch) -> tuple[Any, dict[str, Any], bool]:
+        channel = secrets.token_hex(16)
+        job: dict[str, Any] = {
+            "channel": channel,
+            "key": new_key() if self.encrypt else None,
+            "backend_url": self.cluster_backend_url,
+            "body": body,
+            "api_key_env": self.api_key_env,
+            "backend_timeout_s": self.deadlines.total,
+        }
+        if self.transport == "relay":
+            job["relay_url"] = self.relay_url
+            job["producer_token"] = mint(self._secret, channel, "producer", self._ttl)  # type: ignore[arg-type]
+        if dispatch.idempotency_key:
+            # The same key with a different body is a different request, not a retry.
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            key = f"{dispatch.idempotency_key}:{digest}"
+        else:
+            key = channel
+        sub = self.submitter.submit(key, run_completion, job)
+        return sub.future, sub.args[0], sub.started
+
+    async def _dial(self, job: dict[str, Any]) -> RelayLink | None:
+        if "relay_url" not in job:
+            return None
+        channel = job["channel"]
+        token = mint(self._secret, channel, "consumer", self._ttl)  # type: ignore[arg-type]
+        try:
+            # From frame 0 even when joining a job already running: its frames are retained.
+            return await dial(job["relay_url"], channel, "consumer", token, resume_from=0)
+        except RelayError as e:
+            log.warning("relay unavailable for channel %s…: %s; answering from the job result",
+                        channel[:8], e.message)
+            return None
+
+    # -- streaming ------------------------------------------------------------------------------
+    async def stream(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> AsyncIterator[list[Chunk]]:
+        dispatch = dispatch or Dispatch()
         loop = asyncio.get_running_loop()
         started = loop.time()
         d = self.deadlines
-        channel = secrets.token_hex(16)
-        key = new_key() if self.encrypt else None
-        job = {
-            "relay_url": self.relay_url,
-            "channel": channel,
-            "producer_token": mint(self._secret, channel, "producer", self._ttl),
-            "key": key,
-            "backend_url": self.cluster_backend_url,
-            "body": body,
-        }
-        future, _ = self.submitter.submit(channel, run_completion, job)
+        future, job, _ = self._submit(body, dispatch)
         result = asyncio.wrap_future(future)
-        link: RelayLink | None = None
-        try:
-            link = await dial(
-                self.relay_url, channel, "consumer", mint(self._secret, channel, "consumer",
-                                                          self._ttl)
-            )
-        except RelayError:
-            link = None  # no relay: the answer comes from the job's result alone
-        opener = Opener(key, channel, Direction.DOWN, require_sealed=key is not None)
-        delivered: dict[int, str] = {}
+        link = None if future.done() else await self._dial(job)
+        dispatch.headers["x-stream-transport"] = "relay" if link is not None else "batch"
+        opener = Opener(job["key"], job["channel"], Direction.DOWN,
+                        require_sealed=job["key"] is not None)
+        delivered = Backstop()  # what the client has been given so far, to heal at its end
         seen_output = False
-        frames = link.frames().__aiter__() if link is not None else None
-        pending: asyncio.Future[bytes] | None = None
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        result.add_done_callback(lambda _: queue.put_nowait(_RESULT))
+        reader = asyncio.create_task(_read(link, queue)) if link is not None else None
         try:
-            while frames is not None:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(frames))
+            heal = link is None
+            while not heal:
                 if not seen_output:
                     limit = started + min(d.first_token, d.total) - loop.time()
                     if opener.next_seq == 0:
                         limit = min(limit, started + d.producer_connect - loop.time())
                 else:
                     limit = min(d.between_tokens, started + d.total - loop.time())
-                done, _ = await asyncio.wait(
-                    {pending, result}, timeout=max(limit, 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if pending in done:
-                    frame_task, pending = pending, None
+                try:
+                    async with asyncio.timeout(max(limit, 0)):
+                        items = [await queue.get()]
+                except TimeoutError:
+                    phase = "between tokens" if seen_output else (
+                        "before the worker connected" if opener.next_seq == 0 else
+                        "before the first token"
+                    )
+                    raise self._failed(f"stalled {phase}") from None
+                while not queue.empty():  # everything that arrived together goes out together
+                    items.append(queue.get_nowait())
+                batch: list[Chunk] = []
+                done = False
+                for item in items:
+                    if item is _RESULT or item is _LOST:
+                        heal = True  # whatever the relay did not bring, the result has
+                        continue
+                    if heal or done:
+                        continue
                     try:
-                        frame = frame_task.result()
-                        ftype, payload = opener.open(frame)
-                    except (StopAsyncIteration, RelayError):
-                        break  # relay lost or compromised: heal from the backstop below
+                        ftype, payload = opener.open(item)
+                    except RelayError as e:
+                        kind = type(e).__name__
+                        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+                        log.warning("relay channel %s… rejected: %s; healing from the result",
+                                    job["channel"][:8], e.message)
+                        heal = True
+                        continue
                     if ftype is FrameType.DATA:
                         chunk = json.loads(payload)
-                        for c in chunk.get("choices") or ():
-                            text = (c.get("delta") or {}).get("content") or ""
-                            delivered[c.get("index", 0)] = delivered.get(c.get("index", 0), "") + text
-                        seen_output = True
-                        yield [Chunk(chunk, payload.decode())]
-                        continue
-                    if ftype is FrameType.ERROR:
-                        raise self._failed(f"job failed: {json.loads(payload).get('error')}")
-                    if ftype is FrameType.FINAL:
-                        return
-                    continue
-                if result in done:
-                    break  # the job finished; whatever the relay did not bring, the result has
-                phase = "between tokens" if seen_output else (
-                    "before the worker connected" if opener.next_seq == 0 else
-                    "before the first token"
-                )
-                raise self._failed(f"stalled {phase}")
-            async for batch in self._heal(result, delivered, started):
+                        delivered.add(chunk)
+                        batch.append(Chunk(chunk, payload.decode()))
+                    elif ftype is FrameType.ERROR:
+                        if batch:
+                            yield batch
+                        raise self._job_error(json.loads(payload).get("error") or {})
+                    elif ftype is FrameType.FINAL:
+                        done = True
+                if batch:
+                    seen_output = True
+                    yield batch
+                if done:
+                    return
+            async for batch in self._heal(result, delivered, started, relayed=link is not None):
                 yield batch
         except BaseException:
-            if link is not None and not future.done():
-                await self._cancel(link, key, channel)
+            # A client that may retry with the same idempotency key would rejoin this job, so
+            # only a request without one stops the GPU work when it goes away.
+            if link is not None and not future.done() and not dispatch.idempotency_key:
+                await _cancel(link, job)
             raise
         finally:
-            if pending is not None:
-                pending.cancel()
+            if reader is not None:
+                reader.cancel()
             if link is not None:
                 await link.close()
 
     async def _heal(
-        self, result: asyncio.Future[Any], delivered: dict[int, str], started: float
+        self, result: asyncio.Future[Any], delivered: Backstop, started: float, relayed: bool
     ) -> AsyncIterator[list[Chunk]]:
         remaining = self.deadlines.total - (asyncio.get_running_loop().time() - started)
         try:
@@ -156,27 +223,116 @@ class HPCRelayBackend:
         except Exception as e:
             raise self._failed(f"job failed in the control plane: {e}") from None
         if outcome.get("error"):
-            raise self._failed(f"job failed: {outcome['error']}")
-        self.healed += 1
-        chunks = []
-        for choice in outcome["choices"]:
-            index = choice["index"]
-            sent = delivered.get(index, "")
-            full = choice["content"] or ""
-            rest = full[len(sent):] if full.startswith(sent) else ""
-            chunks.append({"index": index, "delta": {"content": rest} if rest else {},
-                           "finish_reason": choice["finish_reason"]})
+            raise self._job_error(outcome["error"])
+        sent = delivered.result()["choices"]
+        if relayed and sent:
+            self.healed += 1
         base = {"id": "hpc-backstop", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": outcome.get("model") or ""}
-        batch = [Chunk({**base, "choices": [c]}, json.dumps({**base, "choices": [c]}))
-                 for c in chunks]
-        if outcome.get("usage"):
+        batch = []
+        for choice in outcome["choices"]:
+            delta = _rest(choice, next((c for c in sent if c["index"] == choice["index"]), None))
+            if not delta and sent and _finished(sent, choice["index"]):
+                continue  # the relay brought this choice completely
+            data = {**base, "choices": [{"index": choice["index"], "delta": delta,
+                                         "finish_reason": choice["finish_reason"]}]}
+            batch.append(Chunk(data, json.dumps(data)))
+        if outcome.get("usage") and not delivered.usage:
             usage = {**base, "choices": [], "usage": outcome["usage"]}
             batch.append(Chunk(usage, json.dumps(usage)))
-        yield batch
+        if batch:
+            yield batch
 
-    async def _cancel(self, link: RelayLink, key: bytes | None, channel: str) -> None:
+    # -- non-streaming -------------------------------------------------------------------------
+    async def complete(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> dict[str, Any]:
+        whole = Backstop()
+        async for batch in self.stream({**body, "stream": True}, dispatch):
+            for chunk in batch:
+                whole.add(chunk.data)
+        r = whole.result()
+        choices = []
+        for c in r["choices"]:
+            message: dict[str, Any] = {"role": "assistant", "content": c["content"] or None}
+            if c["tool_calls"]:
+                message["tool_calls"] = [
+                    {"id": t["id"], "type": "function",
+                     "function": {"name": t["name"], "arguments": t["arguments"]}}
+                    for t in c["tool_calls"]
+                ]
+            elif message["content"] is None:
+                message["content"] = ""
+            choices.append({"index": c["index"], "message": message, "logprobs": None,
+                            "finish_reason": c["finish_reason"]})
+        out: dict[str, Any] = {"id": "hpc", "object": "chat.completion",
+                               "created": int(time.time()), "model": r["model"] or "",
+                               "choices": choices}
+        if r["usage"]:
+            out["usage"] = r["usage"]
+        return out
+
+    # -- health ---------------------------------------------------------------------------------
+    async def probe(self) -> ProbeResult:
+        """The relay must answer its health check; the cluster itself is not reachable from
+        here (that is the point of the relay), so jobs are what prove it."""
+        if self.transport == "batch":
+            return ProbeResult(ok=True, detail=self.name, models=self.models)
+        started = time.perf_counter()
+        url = self.relay_url.replace("ws", "http", 1).rstrip("/") + "/health"  # type: ignore[union-attr]
         try:
-            await link.send(Sealer(key, channel, Direction.UP).seal(FrameType.CANCEL, b""))
-        except RelayError:
-            pass
+            async with httpx2.AsyncClient(timeout=2.0) as client:
+                resp = await client.get(url)
+            ok = resp.status_code == 200
+            detail = "relay ok" if ok else f"relay health answered {resp.status_code}"
+        except httpx2.HTTPError as e:
+            ok, detail = False, f"relay unreachable: {type(e).__name__}"
+        return ProbeResult(ok=ok, detail=detail, models=self.models,
+                           latency_ms=(time.perf_counter() - started) * 1000)
+
+    async def aclose(self) -> None:
+        pass  # the runtime owns the control plane and the relay
+
+
+async def _read(link: RelayLink, queue: asyncio.Queue[Any]) -> None:
+    try:
+        async for frame in link.frames():
+            queue.put_nowait(frame)
+    except RelayError:
+        pass
+    queue.put_nowait(_LOST)
+
+
+async def _cancel(link: RelayLink, job: dict[str, Any]) -> None:
+    try:
+        await link.send(Sealer(job["key"], job["channel"], Direction.UP).seal(FrameType.CANCEL, b""))
+    except RelayError:
+        pass
+
+
+def _rest(full: dict[str, Any], sent: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a choice the client has not been given yet, as one delta."""
+    sent = sent or {"content": "", "tool_calls": []}
+    delta: dict[str, Any] = {}
+    content, had = full["content"] or "", sent["content"] or ""
+    if content.startswith(had) and len(content) > len(had):
+        delta["content"] = content[len(had):]
+    calls = []
+    for i, call in enumerate(full.get("tool_calls") or ()):
+        before = sent["tool_calls"][i] if i < len(sent["tool_calls"]) else None
+        if before is None:
+            calls.append({"index": i, "id": call["id"], "type": "function",
+                          "function": {"name": call["name"], "arguments": call["arguments"]}})
+        elif call["arguments"].startswith(before["arguments"]) and (
+            len(call["arguments"]) > len(before["arguments"])
+        ):
+            calls.append({"index": i, "function": {
+                "arguments": call["arguments"][len(before["arguments"]):]}})
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
+
+
+def _finished(sent: list[dict[str, Any]], index: int) -> bool:
+    return any(c["index"] == index and c["finish_reason"] for c in sent)
+

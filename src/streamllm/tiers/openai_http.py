@@ -25,7 +25,7 @@ from streamllm.errors import (
     ContextTooLong,
 )
 from streamllm.protocol.sse import SSEBytesDecoder
-from streamllm.tiers.base import Chunk, ProbeResult
+from streamllm.tiers.base import Chunk, Dispatch, ProbeResult
 from streamllm.tiers.pump import Pump
 from streamllm.tiers.h1stream import H1StreamClient, StreamFailed, StreamResponse
 
@@ -129,7 +129,9 @@ class OpenAIHTTPBackend:
         detail = f": {type(exc).__name__} {exc}".rstrip() if exc else ""
         return BackendFailed(f"{self.tier} backend {what}{detail}", tier=self.tier)
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._timeouts.total):
                 resp = await self.client.post(
@@ -165,7 +167,9 @@ class OpenAIHTTPBackend:
         except httpx2.HTTPError as e:
             raise self._failed("could not be reached", e) from None
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+    async def stream(
+        self, body: dict[str, Any], dispatch: Dispatch | None = None
+    ) -> AsyncIterator[list[Chunk]]:
         t = self._timeouts
         loop = asyncio.get_running_loop()
         started = loop.time()
