@@ -57,7 +57,57 @@ class SimSettings(_Strict):
     seed: int = 0  # fault draws are reproducible for a given seed
 
 
-BackendKind = Literal["openai", "vllm", "ollama", "llamacpp", "simulator"]
+BackendKind = Literal["openai", "vllm", "ollama", "llamacpp", "simulator", "hpc"]
+
+
+class HPCDeadlines(_Strict):
+    """How long an HPC request may take at each stage before it fails over or ends."""
+
+    producer_connect: Seconds = 60.0  # the worker's first frame (or its result) must come by then
+    first_token: Seconds = 300.0
+    between_tokens: Seconds = 60.0
+    total: Seconds = 1800.0
+
+
+class ParslSettings(_Strict):
+    provider: Literal["local", "slurm", "pbspro"] = "local"
+    max_workers: Annotated[int, Field(ge=1)] = 4  # per node
+    provider_options: dict[str, Any] = Field(default_factory=dict)  # passed to the provider
+    address: str = "127.0.0.1"  # where workers reach the interchange (a login node's address)
+    run_dir: str | None = None  # default: <data_dir>/parsl
+
+
+class GlobusSettings(_Strict):
+    endpoint_id: str | None = None  # the cluster's Globus Compute endpoint (a UUID)
+    # For multi-user endpoints: values for the endpoint's config template (account, partition).
+    user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
+    resource_specification: dict[str, Any] = Field(default_factory=dict)
+    amqp_port: int | None = None  # 443 where outbound 5671 is blocked
+
+
+class HPCSettings(_Strict):
+    """How the `hpc` tier reaches its cluster: a control plane for jobs, a relay for tokens."""
+
+    control_plane: Literal["parsl", "globus", "local"] = "parsl"
+    globus: GlobusSettings = Field(default_factory=GlobusSettings)
+    parsl: ParslSettings = Field(default_factory=ParslSettings)
+    local_workers: Annotated[int, Field(ge=1)] = 4  # with control_plane: local
+    transport: Literal["relay", "batch"] = "relay"
+    relay_url: str | None = None  # ws:// or wss://; none: an in-process relay on loopback
+    relay_secret_env: str = "STREAMLLM_RELAY_SECRET"  # same secret as `streamllm relay`
+    relay_secret_file: str | None = None  # or read it from this file
+    encrypt: bool = True
+    token_ttl_s: Seconds = 120.0  # how long a relay capability token stays valid
+    idempotency_ttl_s: Seconds = 600.0  # a retry within this joins the running job
+    deadlines: HPCDeadlines = Field(default_factory=HPCDeadlines)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "HPCSettings":
+        if self.control_plane == "globus" and not self.globus.endpoint_id:
+            raise ValueError("control_plane: globus needs globus.endpoint_id")
+        if self.relay_url and not self.relay_url.startswith(("ws://", "wss://")):
+            raise ValueError("relay_url must start with ws:// or wss://")
+        return self
 
 
 class TierSettings(_Strict):
@@ -75,6 +125,9 @@ class TierSettings(_Strict):
     # that host) use STREAM's lean HTTP/1.1 client; "httpx" always uses httpx2.
     stream_client: Literal["auto", "httpx"] = "auto"
     simulator: SimModelSettings | None = None  # per-tier simulator behaviour when simulated
+    # kind: hpc only. base_url is then the cluster's vLLM as its worker nodes reach it; with
+    # no base_url the embedded simulator stands in for it.
+    hpc: HPCSettings | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -86,13 +139,18 @@ class TierSettings(_Strict):
 
     @model_validator(mode="after")
     def _needs_url(self) -> "TierSettings":
-        if self.kind != "simulator" and not self.base_url:
+        if self.kind not in ("simulator", "hpc") and not self.base_url:
             raise ValueError(f"kind '{self.kind}' needs a base_url")
+        if self.hpc is not None and self.kind != "hpc":
+            raise ValueError("the hpc section belongs to a tier of kind 'hpc'")
+        if self.kind == "hpc" and self.hpc is None:
+            self.hpc = HPCSettings()
         return self
 
     @property
     def simulated(self) -> bool:
-        return self.kind == "simulator"
+        """Answers are synthetic: the simulator is the backend (or the cluster's backend)."""
+        return self.kind == "simulator" or (self.kind == "hpc" and not self.base_url)
 
     @property
     def default_model(self) -> str | None:
@@ -151,6 +209,26 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     detect_ollama: bool = True  # with no local tier configured, use Ollama if it answers
     ollama_url: str = "http://127.0.0.1:11434/v1"  # where detection looks for Ollama
+    data_dir: str = Field(default_factory=lambda: _default_data_dir())
+    # "hpc-as-api": serve only the hpc tier's models, and require API keys.
+    profile: Literal["stream", "hpc-as-api"] = "stream"
+    api_keys: list[str] = Field(default_factory=list)  # accepted Bearer keys (none: open)
+    api_keys_file: str | None = None  # one key per line; '#' starts a comment
+
+    def load_api_keys(self) -> list[str]:
+        keys = [k for k in self.api_keys if k]
+        if self.api_keys_file:
+            try:
+                lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
+            except OSError as e:
+                raise ConfigError(f"server.api_keys_file: cannot read it: {e}") from None
+            keys += [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+        return keys
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "streamllm")
 
 
 class Settings(_Strict):
@@ -168,6 +246,21 @@ class Settings(_Strict):
                     raise ValueError(f"aliases form a cycle: {' -> '.join(seen + [name])}")
                 seen.append(name)
                 name = self.aliases[name]
+        return self
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> "Settings":
+        # HPC-as-API: the cluster alone behind the OpenAI API; nothing may fall back elsewhere.
+        if self.server.profile == "hpc-as-api":
+            for other in ("local", "cloud"):
+                self.tiers[other] = TierSettings(enabled=False)  # type: ignore[index]
+            if "hpc" not in self.tiers:
+                self.tiers["hpc"] = TierSettings(kind="hpc")
+            elif self.tiers["hpc"].kind != "hpc":
+                raise ValueError("server.profile hpc-as-api needs tiers.hpc to be of kind 'hpc'")
+            self.routing.allow_cloud = False
+            self.routing.tier_for = {level: "hpc" for level in COMPLEXITIES}
+            self.routing.fallback = {level: ["hpc"] for level in COMPLEXITIES}
         return self
 
     def tier(self, name: str) -> TierSettings | None:

@@ -34,7 +34,7 @@ from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
 from streamllm.routing.policy import Candidate, Route
 from streamllm.tiers.adapt import backend_body
-from streamllm.tiers.base import Chunk
+from streamllm.tiers.base import Chunk, Dispatch
 from streamllm.tiers.openai_http import has_output
 
 log = logging.getLogger("streamllm.gateway")
@@ -104,6 +104,17 @@ def parse_request(body: Any) -> ChatCompletionRequest:
         raise InvalidRequest(f"Invalid value for '{param}': {msg}", param=param or None) from None
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The client's `Idempotency-Key`: a retry carrying it joins the job the first try started."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 printable characters",
+                             param="Idempotency-Key")
+    return key
+
+
 def _client_allows_cloud(req: ChatCompletionRequest, request: Request) -> bool:
     header = request.headers.get("x-stream-allow-cloud")
     if header is not None and header.strip().lower() in ("0", "false", "no", "off"):
@@ -120,6 +131,7 @@ class ChatHandler:
         arrived = time.perf_counter()
         body = await read_json_body(request, self.settings.server.max_body_bytes)
         req = parse_request(body)
+        idem = idempotency_key(request)
         if self.settings.server.log_prompts:
             log.info("request %s prompt: %r", request.state.request_id, req.latest_user_text())
         if req.unknown_fields():
@@ -140,13 +152,14 @@ class ChatHandler:
         handed_over = False
         try:
             if req.wants_stream:
-                cand, stream, held, failures = await self._open(body, route)
+                cand, stream, held, failures, dispatch = await self._open(body, route, idem)
                 self._label(headers, cand, failures)
+                headers.update(dispatch.headers)
                 handed_over = True  # from here the response owns the watch
                 return RelayResponse(
                     self._relay(req, cand, stream, held, request_id), watch, SSE_HEADERS
                 )
-            return await self._complete(req, body, route, headers, request_id)
+            return await self._complete(body, route, headers, request_id, idem)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -181,13 +194,14 @@ class ChatHandler:
             headers["x-stream-fallbacks"] = str(len(failures))
 
     # -- non-streaming -------------------------------------------------------------------------
-    async def _complete(self, req, body, route: Route, headers, request_id) -> Response:
+    async def _complete(self, body, route: Route, headers, request_id, idem) -> Response:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
+            dispatch = Dispatch(idempotency_key=idem)
             try:
                 result = await self.runtime.backends[cand.tier].complete(
-                    backend_body(body, cand.model, tier, stream=False)
+                    backend_body(body, cand.model, tier, stream=False), dispatch
                 )
             except (BackendFailed, ContextTooLong) as e:
                 failures.append(e)
@@ -195,18 +209,22 @@ class ChatHandler:
                 continue
             self.runtime.mark_ok(cand.tier)
             self._label(headers, cand, failures)
+            headers.update(dispatch.headers)
             result["id"] = f"chatcmpl-{request_id}"
             return JSONResponse(result)
         raise self._give_up(route, failures)
 
     # -- streaming -----------------------------------------------------------------------------
-    async def _open(self, body, route: Route) -> tuple[Candidate, AsyncIterator, list, list]:
+    async def _open(
+        self, body, route: Route, idem: str | None
+    ) -> tuple[Candidate, AsyncIterator, list, list, Dispatch]:
         """Start candidates in order until one produces output; return it with held chunks."""
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
+            dispatch = Dispatch(idempotency_key=idem)
             stream = self.runtime.backends[cand.tier].stream(
-                backend_body(body, cand.model, tier, stream=True)
+                backend_body(body, cand.model, tier, stream=True), dispatch
             )
             held: list[Chunk] = []
             try:
@@ -223,7 +241,7 @@ class ChatHandler:
                 await stream.aclose()
                 raise
             self.runtime.mark_ok(cand.tier)
-            return cand, stream, held, failures
+            return cand, stream, held, failures, dispatch
         raise self._give_up(route, failures)
 
     async def _relay(
@@ -239,9 +257,10 @@ class ChatHandler:
                 if out:
                     yield out
             yield DONE
-        except BackendFailed as e:
+        except StreamError as e:  # after output, every failure ends the stream as an event
             outcome = "failed"
-            self.runtime.mark_failed(cand.tier, e.message)
+            if isinstance(e, BackendFailed):
+                self.runtime.mark_failed(cand.tier, e.message)
             log.warning("tier %s failed mid-stream: %s", cand.tier, e.message)
             yield encode(envelope(e))
         except BaseException:

@@ -1,8 +1,10 @@
 """What a running gateway holds: the tiers it resolved, their backends, health and the simulator.
 
 Built at startup from Settings: configured tiers are used as given; an unconfigured `local` is
-Ollama if it answers, an unconfigured `cloud` is OpenRouter if its key is set, and every other
-tier is served by the embedded simulator, which the log and /v1/models say plainly.
+Ollama if it answers, an unconfigured `cloud` is OpenRouter if its key is set, an unconfigured
+`hpc` is the whole dual-channel path on this machine (a local Parsl engine, an in-process relay,
+the simulator as the cluster's vLLM), and any other tier is served by the embedded simulator.
+The log and /v1/models say plainly which tiers are simulated.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from dataclasses import dataclass, field
 import httpx2
 
 from streamllm.config import TIERS, Settings, SimModelSettings, SimSettings, TierSettings
+from streamllm.errors import ConfigError
+from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_control_plane
+from streamllm.hpc.worker import ping
+from streamllm.relay.server import RelayServer
 from streamllm.routing import RoutingPolicy
 from streamllm.serving import ServerTask
 from streamllm.sim.app import Simulator
-from streamllm.tiers import OpenAIHTTPBackend
+from streamllm.tiers import Backend, OpenAIHTTPBackend
+from streamllm.tiers.hpc import HPCRelayBackend
 
 log = logging.getLogger("streamllm.gateway")
 
@@ -52,12 +59,16 @@ class TierHealth:
 class Runtime:
     settings: Settings
     tiers: dict[str, TierSettings] = field(default_factory=dict)
-    backends: dict[str, OpenAIHTTPBackend] = field(default_factory=dict)
+    backends: dict[str, Backend] = field(default_factory=dict)
     catalogue: dict[str, list[str]] = field(default_factory=dict)
     health: dict[str, TierHealth] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)  # why each tier is what it is
     simulator: Simulator | None = None
+    sim_tiers: set[str] = field(default_factory=set)  # tiers whose answers are synthetic
+    relay: RelayServer | None = None  # the in-process relay, when no relay_url is configured
+    planes: list[ControlPlane] = field(default_factory=list)
     _sim_server: ServerTask | None = None
+    _warmups: list[asyncio.Task[None]] = field(default_factory=list)
     _monitor: asyncio.Task[None] | None = None
     policy: RoutingPolicy | None = None
 
@@ -82,7 +93,7 @@ class Runtime:
             h.state, h.detail = "up", "ok"
 
     def simulated(self, tier: str) -> bool:
-        return self.tiers[tier].simulated
+        return tier in self.sim_tiers
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,19 +108,27 @@ class Runtime:
             else:
                 resolved[tier] = await self._autodetect(tier)
         simulated = {t: s for t, s in resolved.items() if s.simulated}
+        self.sim_tiers = set(simulated)
         if simulated:
             await self._start_simulator(simulated, resolved)
         for tier, ts in resolved.items():
             self.tiers[tier] = ts
             self.catalogue[tier] = list(ts.models)
-            self.backends[tier] = OpenAIHTTPBackend(tier, ts)
+            self.backends[tier] = (
+                await self._hpc_backend(tier, ts) if ts.kind == "hpc"
+                else OpenAIHTTPBackend(tier, ts)
+            )
             self.health[tier] = TierHealth()
-            where = "simulator" if ts.simulated else f"{ts.kind} at {ts.base_url}"
+            if ts.kind == "hpc":
+                cluster = "the simulator" if tier in self.sim_tiers else ts.base_url
+                where = f"{self.backends[tier].name}, cluster backend {cluster}"
+            else:
+                where = "simulator" if tier in self.sim_tiers else f"{ts.kind} at {ts.base_url}"
             log.info(
                 "tier %s: %s, models %s (%s)", tier, where, ", ".join(ts.models) or "none",
                 self.origin[tier],
             )
-            if ts.simulated:
+            if tier in self.sim_tiers:
                 log.warning(
                     "tier %s is SIMULATED: answers are synthetic; configure tiers.%s to use a "
                     "real backend", tier, tier,
@@ -125,10 +144,51 @@ class Runtime:
                 await self._monitor
             except asyncio.CancelledError:
                 pass
+        for task in self._warmups:
+            task.cancel()
         for backend in self.backends.values():
             await backend.aclose()
+        for plane in self.planes:
+            await asyncio.to_thread(plane.shutdown)
+        if self.relay is not None:
+            await self.relay.stop()
         if self._sim_server:
             await self._sim_server.stop()
+
+    async def _warm(self, tier: str, plane: ControlPlane) -> None:
+        # A first job gets the workers started (Parsl launches them on demand, a Globus endpoint
+        # may be cold), so that the first user request does not pay for it unannounced.
+        started = time.monotonic()
+        try:
+            await asyncio.wrap_future(plane.submit(ping))
+        except Exception as e:
+            log.warning("tier %s: control plane %s failed its first job: %s", tier, plane.name, e)
+            self.mark_failed(tier, f"control plane failed its first job: {e}")
+            return
+        log.info("tier %s: control plane %s ready in %.1f s", tier, plane.name,
+                 time.monotonic() - started)
+
+    async def _hpc_backend(self, tier: str, ts: TierSettings) -> HPCRelayBackend:
+        h = ts.hpc
+        assert h is not None and ts.base_url is not None
+        relay_url: str | None = None
+        secret: bytes | None = None
+        if h.transport == "relay" and h.relay_url:
+            secret = _relay_secret(h.relay_secret_env, h.relay_secret_file)
+            relay_url = h.relay_url
+        elif h.transport == "relay":
+            # Tokens are minted and checked in this process, so a fresh secret will do.
+            secret = os.urandom(32)
+            self.relay = await RelayServer(secret).start("127.0.0.1", 0)
+            relay_url = f"ws://127.0.0.1:{self.relay.port}"
+        plane = await asyncio.to_thread(make_control_plane, h, self.settings.server.data_dir)
+        self.planes.append(plane)
+        self._warmups.append(asyncio.create_task(self._warm(tier, plane), name=f"warm-{tier}"))
+        return HPCRelayBackend(
+            tier, IdempotentSubmitter(plane, ttl_s=h.idempotency_ttl_s), relay_url, secret,
+            ts.base_url, deadlines=h.deadlines, encrypt=h.encrypt, token_ttl_s=h.token_ttl_s,
+            transport=h.transport, api_key_env=ts.api_key_env, models=ts.models,
+        )
 
     async def _autodetect(self, tier: str) -> TierSettings:
         if tier == "local" and self.settings.server.detect_ollama:
@@ -138,6 +198,9 @@ class Runtime:
                 self.origin[tier] = f"Ollama answered at {url}"
                 return TierSettings(kind="ollama", base_url=url, models=models)
             self.origin[tier] = f"no Ollama with a pulled model at {url}"
+        elif tier == "hpc":
+            self.origin[tier] = "not configured: local Parsl engine + in-process relay"
+            return TierSettings(kind="hpc")
         elif tier == "cloud" and os.environ.get("OPENROUTER_API_KEY"):
             self.origin[tier] = "OPENROUTER_API_KEY is set"
             return TierSettings(
@@ -187,6 +250,22 @@ class Runtime:
                 await self.probe_all()
             except Exception:  # a probe bug must not kill the monitor
                 log.exception("tier health probe failed")
+
+
+def _relay_secret(env: str, path: str | None) -> bytes:
+    if path:
+        try:
+            secret = open(os.path.expanduser(path), "rb").read().strip()
+        except OSError as e:
+            raise ConfigError(f"tiers.hpc.hpc.relay_secret_file: cannot read it: {e}") from None
+    else:
+        secret = os.environ.get(env, "").encode()
+    if len(secret) < 32:
+        raise ConfigError(
+            f"the hpc tier's relay needs its token secret (at least 32 bytes) in ${env} or "
+            "hpc.relay_secret_file: the same one `streamllm relay` was started with"
+        )
+    return secret
 
 
 async def _ollama_models(url: str) -> list[str]:

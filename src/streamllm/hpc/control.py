@@ -1,6 +1,7 @@
 """Control planes: how a job reaches the cluster. One interface, shaped like an Executor.
 
 - `local`: a process pool on this machine, for the smallest setups.
+- `globus`: a Globus Compute endpoint on the cluster (`globus_compute_sdk.Executor`).
 - `parsl`: a Parsl HighThroughputExecutor; `LocalProvider` by default (one machine, what tests
   and the demo use as the stand-in for a remote endpoint), Slurm or PBS on a cluster.
 
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from streamllm.config import HPCSettings
 
 
 class ControlPlane(Protocol):
@@ -40,6 +43,36 @@ class LocalControlPlane:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GlobusControlPlane:
+    """Jobs go to a Globus Compute endpoint; the SDK batches submissions and streams results
+    back over AMQP. Credentials come from the SDK's own login (`globus-compute-endpoint` /
+    GLOBUS_COMPUTE_CLIENT_ID and _SECRET for a service identity); STREAM stores none."""
+
+    name = "globus"
+
+    def __init__(
+        self,
+        endpoint_id: str,
+        user_endpoint_config: dict[str, Any] | None = None,
+        resource_specification: dict[str, Any] | None = None,
+        amqp_port: int | None = None,
+    ):
+        from globus_compute_sdk import Executor
+
+        self._executor = Executor(
+            endpoint_id=endpoint_id,
+            user_endpoint_config=user_endpoint_config or None,
+            resource_specification=resource_specification or None,
+            amqp_port=amqp_port,
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        return self._executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class ParslControlPlane:
@@ -90,6 +123,9 @@ class ParslControlPlane:
                     provider=chosen,
                     address=address,
                     max_workers_per_node=max_workers,
+                    # A worker waits on the node's vLLM over HTTP; it computes nothing itself,
+                    # so CPU cores must not cap how many run side by side.
+                    cores_per_worker=0.01,
                 )
             ],
             run_dir=run_dir,
@@ -145,3 +181,23 @@ class IdempotentSubmitter:
             self.submitted += 1
             self._jobs[key] = (now, job)
             return job
+
+
+def make_control_plane(settings: HPCSettings, data_dir: str) -> ControlPlane:
+    """The control plane the configuration names. Slow (Parsl starts its interchange and
+    workers), so callers off the event loop's thread."""
+    if settings.control_plane == "local":
+        return LocalControlPlane(max_workers=settings.local_workers)
+    if settings.control_plane == "globus":
+        g = settings.globus
+        return GlobusControlPlane(
+            g.endpoint_id or "", g.user_endpoint_config, g.resource_specification, g.amqp_port
+        )
+    p = settings.parsl
+    return ParslControlPlane(
+        run_dir=p.run_dir or os.path.join(os.path.expanduser(data_dir), "parsl"),
+        provider=p.provider,
+        max_workers=p.max_workers,
+        provider_options=p.provider_options,
+        address=p.address,
+    )

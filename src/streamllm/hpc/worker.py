@@ -159,6 +159,14 @@ def _abort(conn: http.client.HTTPConnection) -> None:
             pass
 
 
+def ping() -> dict[str, Any]:
+    """A job that does nothing: gets a control plane's workers started before real requests
+    arrive, and measures dispatch on its own."""
+    import sys
+
+    return {"pid": os.getpid(), "python": sys.version.split()[0], "at": time.time()}
+
+
 def run_completion(job: dict[str, Any]) -> dict[str, Any]:
     """Run one streamed completion on this node; return the backstop result.
 

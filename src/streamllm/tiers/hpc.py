@@ -19,11 +19,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx2
 
+from streamllm.config import HPCDeadlines
 from streamllm.errors import BackendFailed, RelayError
 from streamllm.hpc.control import IdempotentSubmitter
 from streamllm.hpc.worker import Backstop, run_completion
@@ -37,14 +37,6 @@ from streamllm.tiers.openai_http import classify_status
 log = logging.getLogger("streamllm.hpc")
 
 Transport = Literal["relay", "batch"]
-
-
-@dataclass
-class HPCDeadlines:
-    producer_connect: float = 60.0  # first frame (or the job's result) must come by then
-    first_token: float = 300.0
-    between_tokens: float = 60.0
-    total: float = 1800.0
 
 
 _RESULT = object()  # queued when the control-plane future completes
