@@ -45,30 +45,36 @@ class Running:
 def test_serve_with_no_config_simulates_every_tier_and_says_so():
     port = closed_port()
     env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=f"http://127.0.0.1:{closed_port()}/v1")
-    srv = Running(["serve", "--port", str(port)], env, "Application startup complete")
+    srv = Running(["serve", "--port", str(port)], env, "Uvicorn running on")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         models = {m.id: m for m in client.models.list()}
         for tier in ("local", "hpc", "cloud"):
             assert models[tier].owned_by == "simulator"
         resp = client.chat.completions.create(
-            model="auto", messages=[{"role": "user", "content": "hi"}]
+            model="auto", messages=[{"role": "user", "content": "hi, quokka here"}]
         )
         assert resp.choices[0].message.content
+        # The default hpc tier is the whole dual-channel path: Parsl, the relay, the simulator.
+        raw = client.chat.completions.with_raw_response.create(
+            model="hpc", messages=[{"role": "user", "content": "quokka on the cluster"}]
+        )
+        assert raw.headers["x-stream-transport"] == "relay"
+        assert raw.parse().choices[0].message.content
         body = httpx.get(f"http://127.0.0.1:{port}/health/ready").json()
         assert body["status"] == "ready" and body["tiers"]["hpc"]["simulated"] is True
     finally:
         log = srv.stop()
     for tier in ("local", "hpc", "cloud"):
         assert f"tier {tier} is SIMULATED" in log
-    assert "hi" not in log.split("Application startup complete")[-1], "no prompt text in logs"
+    assert "hi" not in log.split("Uvicorn running on")[-1], "no prompt text in logs"
 
 
 def test_serve_uses_ollama_when_it_answers(start_sim):
     ollama = start_sim({"llama3.2:3b": {}, "qwen2.5:7b": {}})
     port = closed_port()
     env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=ollama.url)
-    srv = Running(["serve", "--port", str(port)], env, "Application startup complete")
+    srv = Running(["serve", "--port", str(port)], env, "Uvicorn running on")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         models = {m.id: m for m in client.models.list()}

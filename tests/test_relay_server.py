@@ -72,6 +72,19 @@ async def test_cancel_goes_up_to_the_producer(relay):
     await consumer.close()
 
 
+async def test_cancel_sent_before_the_producer_connected_reaches_it_when_it_does(relay):
+    # A job still queued on the cluster when its client left must not run for nobody.
+    key = new_key()
+    consumer = await dial(relay.url, "c9", "consumer", tok("c9", "consumer"))
+    await consumer.send(Sealer(key, "c9", Direction.UP).seal(FrameType.CANCEL, b""))
+    await consumer.close()
+    producer = await dial(relay.url, "c9", "producer", tok("c9", "producer"))
+    frames = producer.frames()
+    ftype, _ = Opener(key, "c9", Direction.UP).open(await anext(frames))
+    assert ftype is FrameType.CANCEL
+    await producer.close()
+
+
 @pytest.mark.parametrize("case", ["wrong secret", "other channel", "other role", "expired", "replayed"])
 async def test_bad_tokens_are_refused(relay, case):
     good = tok("c3", "producer")

@@ -28,7 +28,9 @@ ConfigOption = Annotated[
 
 
 def _setup_logging(level: str) -> None:
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Libraries that log every request or task at INFO would drown STREAM's own lines.
+    for noisy in ("httpx", "httpx2", "parsl", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -75,6 +75,7 @@ class ParslSettings(_Strict):
     provider_options: dict[str, Any] = Field(default_factory=dict)  # passed to the provider
     address: str = "127.0.0.1"  # where workers reach the interchange (a login node's address)
     run_dir: str | None = None  # default: <data_dir>/parsl
+    heartbeat_s: Annotated[float, Field(ge=1)] = 5.0  # a lost worker's job fails within ~this
 
 
 class GlobusSettings(_Strict):

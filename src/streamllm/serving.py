@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 import socket
 import threading
 from typing import Any
@@ -23,6 +25,19 @@ def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+# uvicorn logs "Started server process" and the like through one global logger; an embedded
+# server (the gateway's simulator) saying it all again beside the gateway only confuses.
+_embedded = contextvars.ContextVar("streamllm_embedded_server", default=False)
+
+
+class _QuietEmbedded(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _embedded.get()
+
+
+_quiet = _QuietEmbedded()
 
 
 class _Server(uvicorn.Server):
@@ -109,7 +124,14 @@ class ServerTask:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "ServerTask":
-        self._task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if _quiet not in uvicorn_log.filters:
+            uvicorn_log.addFilter(_quiet)
+        context = contextvars.copy_context()
+        context.run(_embedded.set, True)  # only this server's task runs with it set
+        self._task = asyncio.get_running_loop().create_task(
+            self.server.serve(sockets=[self.sock]), context=context
+        )
         return self
 
     async def stop(self) -> None:

@@ -87,6 +87,7 @@ class ParslControlPlane:
         max_workers: int = 4,
         provider_options: dict[str, Any] | None = None,
         address: str = "127.0.0.1",
+        heartbeat_s: float = 5.0,
     ):
         from parsl.config import Config
         from parsl.dataflow.dflow import DataFlowKernel
@@ -126,6 +127,14 @@ class ParslControlPlane:
                     # A worker waits on the node's vLLM over HTTP; it computes nothing itself,
                     # so CPU cores must not cap how many run side by side.
                     cores_per_worker=0.01,
+                    # Ctrl-C in a terminal signals the whole process group; the interchange
+                    # must not die before we ask it to stop, or Parsl's shutdown waits on it
+                    # forever. A session of its own keeps it out of the terminal's group.
+                    interchange_launch_cmd=["setsid", "interchange.py"],
+                    # Also how often a node checks its workers: a worker that died fails its
+                    # task within about this long (Parsl's default of 30 s is long for a chat).
+                    heartbeat_period=max(1, round(heartbeat_s)),
+                    heartbeat_threshold=max(4, round(heartbeat_s * 6)),
                 )
             ],
             run_dir=run_dir,
@@ -200,4 +209,5 @@ def make_control_plane(settings: HPCSettings, data_dir: str) -> ControlPlane:
         max_workers=p.max_workers,
         provider_options=p.provider_options,
         address=p.address,
+        heartbeat_s=p.heartbeat_s,
     )

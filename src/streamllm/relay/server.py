@@ -34,6 +34,8 @@ from streamllm.relay.tokens import TokenVerifier
 
 log = logging.getLogger("streamllm.relay")
 
+MAX_HELD_UP = 8  # UP frames kept for a producer that has not connected yet
+
 _PATH = re.compile(r"^/v1/channels/([A-Za-z0-9_-]{1,128})$")
 
 
@@ -71,6 +73,9 @@ class Channel:
     base_seq: int = 0  # sequence number of frames[0]
     delivered: int = 0  # next sequence number to send to the consumer
     finished: bool = False  # the producer sent FINAL or ERROR
+    # UP frames (cancel) sent before the producer connected: a job still queued on the cluster
+    # must learn, once it starts, that nobody wants its answer any more.
+    held_up: list[bytes] = field(default_factory=list)
     last_activity: float = field(default_factory=time.monotonic)
     # Two events, each cleared only by the one side that waits on it, so no wake-up is lost.
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # producer -> consumer
@@ -190,6 +195,8 @@ class RelayServer:
         return header.type
 
     async def _producer(self, conn: ServerConnection, channel: Channel) -> None:
+        while channel.held_up:
+            await conn.send(channel.held_up.pop(0))
         async for message in conn:
             try:
                 ftype = self._check(message, Direction.DOWN)
@@ -268,6 +275,8 @@ class RelayServer:
                     await channel.producer.send(message)
                 except ConnectionClosed:
                     pass
+            elif len(channel.held_up) < MAX_HELD_UP:
+                channel.held_up.append(message)
 
     async def _reap(self) -> None:
         while True:

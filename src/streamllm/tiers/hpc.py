@@ -39,6 +39,8 @@ log = logging.getLogger("streamllm.hpc")
 Transport = Literal["relay", "batch"]
 
 
+RELAY_GRACE_S = 2.0  # how long the relay may lag behind a finished job's result
+
 _RESULT = object()  # queued when the control-plane future completes
 _LOST = object()  # queued when the relay connection ends without a final frame
 
@@ -140,8 +142,11 @@ class HPCRelayBackend:
         reader = asyncio.create_task(_read(link, queue)) if link is not None else None
         try:
             heal = link is None
+            relay_grace: float | None = None  # the job is done: the relay gets until then
             while not heal:
-                if not seen_output:
+                if relay_grace is not None:
+                    limit = relay_grace - loop.time()
+                elif not seen_output:
                     limit = started + min(d.first_token, d.total) - loop.time()
                     if opener.next_seq == 0:
                         limit = min(limit, started + d.producer_connect - loop.time())
@@ -151,6 +156,8 @@ class HPCRelayBackend:
                     async with asyncio.timeout(max(limit, 0)):
                         items = [await queue.get()]
                 except TimeoutError:
+                    if relay_grace is not None:
+                        break  # the relay is slower than the result: heal from it
                     phase = "between tokens" if seen_output else (
                         "before the worker connected" if opener.next_seq == 0 else
                         "before the first token"
@@ -161,18 +168,27 @@ class HPCRelayBackend:
                 batch: list[Chunk] = []
                 done = False
                 for item in items:
-                    if item is _RESULT or item is _LOST:
-                        heal = True  # whatever the relay did not bring, the result has
-                        continue
                     if heal or done:
+                        continue
+                    if item is _LOST:
+                        try:
+                            opener.end()  # a relay that hangs up early truncated the stream
+                        except RelayError as e:
+                            self._reject(e, job)
+                        heal = True
+                        continue
+                    if item is _RESULT:
+                        # The worker has sent its last frame; it may still be on its way
+                        # (results can overtake the relay), so wait briefly for the relay.
+                        if _relay_has_nothing_more(result, opener.next_seq):
+                            heal = True
+                        else:
+                            relay_grace = loop.time() + RELAY_GRACE_S
                         continue
                     try:
                         ftype, payload = opener.open(item)
                     except RelayError as e:
-                        kind = type(e).__name__
-                        self.rejected[kind] = self.rejected.get(kind, 0) + 1
-                        log.warning("relay channel %s… rejected: %s; healing from the result",
-                                    job["channel"][:8], e.message)
+                        self._reject(e, job)
                         heal = True
                         continue
                     if ftype is FrameType.DATA:
@@ -204,6 +220,12 @@ class HPCRelayBackend:
             if link is not None:
                 await link.close()
 
+    def _reject(self, err: RelayError, job: dict[str, Any]) -> None:
+        kind = type(err).__name__
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        log.warning("relay channel %s… rejected: %s; healing from the job result",
+                    job["channel"][:8], err.message)
+
     async def _heal(
         self, result: asyncio.Future[Any], delivered: Backstop, started: float, relayed: bool
     ) -> AsyncIterator[list[Chunk]]:
@@ -217,7 +239,7 @@ class HPCRelayBackend:
         if outcome.get("error"):
             raise self._job_error(outcome["error"])
         sent = delivered.result()["choices"]
-        if relayed and sent:
+        if relayed:
             self.healed += 1
         base = {"id": "hpc-backstop", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": outcome.get("model") or ""}
@@ -284,6 +306,13 @@ class HPCRelayBackend:
 
     async def aclose(self) -> None:
         pass  # the runtime owns the control plane and the relay
+
+
+def _relay_has_nothing_more(result: asyncio.Future[Any], received: int) -> bool:
+    if result.exception() is not None:
+        return True
+    outcome = result.result()
+    return bool(outcome.get("relay_error")) or outcome.get("frames", 0) <= received
 
 
 async def _read(link: RelayLink, queue: asyncio.Queue[Any]) -> None:
