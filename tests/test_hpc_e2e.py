@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
@@ -21,6 +22,7 @@ import pytest
 
 from streamllm.config import Settings, SimModelSettings, SimSettings
 from streamllm.gateway import create_app
+from streamllm.hpc.worker import ping
 from streamllm.serving import ServerThread
 from streamllm.sim.app import Simulator
 from streamllm.sim.content import answer_text
@@ -34,6 +36,7 @@ CLUSTER_MODELS = {
     "slow": SimModelSettings(answer_tokens=60, tokens_per_s=80),
     "broken": SimModelSettings(error_rate=1.0),
     "stuck": SimModelSettings(answer_tokens=40, stall_after=3, stall_s=120),
+    "sleepy": SimModelSettings(answer_tokens=8, ttft_ms=120_000),
 }
 
 
@@ -59,7 +62,9 @@ def cluster():
         yield vllm, f"{v.url}/v1", f"{c.url}/v1"
 
 
-def gateway_settings(tmp: Path, cluster_url: str, cloud_url: str, **hpc) -> Settings:
+def gateway_settings(
+    tmp: Path, cluster_url: str, cloud_url: str, routing: dict | None = None, **hpc
+) -> Settings:
     return Settings.model_validate({
         "server": {"detect_ollama": False, "data_dir": str(tmp)},
         "tiers": {
@@ -69,7 +74,8 @@ def gateway_settings(tmp: Path, cluster_url: str, cloud_url: str, **hpc) -> Sett
         },
         # `auto` goes to the cluster first and falls back to the cloud before the first token.
         "routing": {"tier_for": {"LOW": "hpc", "MEDIUM": "hpc", "HIGH": "hpc"},
-                    "fallback": {"LOW": ["cloud"], "MEDIUM": ["cloud"], "HIGH": ["cloud"]}},
+                    "fallback": {"LOW": ["cloud"], "MEDIUM": ["cloud"], "HIGH": ["cloud"]},
+                    **(routing or {})},
     })
 
 
@@ -195,3 +201,125 @@ def test_a_retry_with_the_same_idempotency_key_joins_the_running_job(gateway, cl
     assert first == expected and second == expected
     assert runtime.backends["hpc"].submitter.submitted == submitted + 1
     assert len([r for r in list(vllm.log)[before:] if r.model == "slow"]) == 1, "one GPU job"
+
+
+# -- faults, caused for real --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_worker(cluster, tmp_path_factory):
+    """A cluster with room for one job at a time, short deadlines, and fallback to the cloud
+    even for an explicit hpc model (so a failure before the first token is visible)."""
+    _, cluster_url, cloud_url = cluster
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("one"), cluster_url, cloud_url,
+        routing={"fallback_on_explicit": True},
+        parsl={"max_workers": 1, "heartbeat_s": 1},
+        deadlines={"producer_connect": 3, "first_token": 60, "between_tokens": 60, "total": 300},
+    )
+    app = create_app(settings)
+    with ServerThread(app) as server:
+        yield app.state.runtime, server.url
+
+
+def worker_pid(runtime) -> int:
+    """The pid of the only worker (it runs this no-op, so it is the one that runs the next job)."""
+    return runtime.planes[0].submit(ping).result(timeout=120)["pid"]
+
+
+def test_a_job_that_cannot_start_in_time_falls_back_within_the_deadline(one_worker):
+    runtime, url = one_worker
+    worker_pid(runtime)  # the worker is up, so only the queue can delay the next job
+    c = client(url)
+    busy = c.chat.completions.create(model="hpc/stuck", messages=ask("hog the node"),
+                                     stream=True)
+    next(iter(busy))  # the only worker is now streaming this one (and will stall)
+    started = time.monotonic()
+    messages = ask("a quick one")
+    raw = c.chat.completions.with_raw_response.create(model="hpc/m", messages=messages,
+                                                      stream=True)
+    waited = time.monotonic() - started
+    assert raw.headers["x-stream-tier"] == "cloud" and raw.headers["x-stream-fallbacks"] == "1"
+    assert read_stream(raw.parse())[0] == answer_text("cloud-m", messages, 8)
+    assert 3 <= waited < 20, "failed over at the producer-connect deadline (3 s)"
+    busy.close()
+
+
+def test_worker_killed_before_the_first_token_falls_back(one_worker, cluster):
+    vllm, _, _ = cluster
+    runtime, url = one_worker
+    pid = worker_pid(runtime)
+    before = len(vllm.log)
+    messages = ask("the node will die before answering")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client(url).chat.completions.with_raw_response.create,
+            model="hpc/sleepy", messages=messages, stream=True,
+        )
+        # The job is on the node (its backend request has arrived): now the node dies.
+        assert vllm.wait_until(
+            lambda log: any(r.model == "sleepy" for r in log[before:]), timeout=60
+        )
+        os.kill(pid, signal.SIGKILL)
+        raw = pending.result(timeout=60)
+    assert raw.headers["x-stream-tier"] == "cloud" and raw.headers["x-stream-fallbacks"] == "1"
+    assert read_stream(raw.parse())[0] == answer_text("cloud-m", messages, 8)
+
+
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error(one_worker):
+    runtime, url = one_worker
+    pid = worker_pid(runtime)
+    messages = ask("the node will die mid-answer")
+    stream = client(url).chat.completions.create(model="hpc/stuck", messages=messages,
+                                                stream=True)
+    received = ""
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            for c in chunk.choices:
+                received += c.delta.content or ""
+            if received and pid:
+                os.kill(pid, signal.SIGKILL)
+                pid = 0
+    assert "control plane" in err.value.message
+    assert received and answer_text("stuck", messages, 40).startswith(received)
+
+
+def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
+    cluster, tmp_path
+):
+    _, cluster_url, cloud_url = cluster
+    secret = tmp_path / "relay.secret"
+    secret.write_text(SECRET)
+    port = closed_port()
+    relay = subprocess.Popen(
+        [STREAMLLM, "relay", "--port", str(port), "--secret-file", str(secret)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in relay.stderr:  # ready once it says where it listens
+            if "relay on ws://" in line:
+                break
+        settings = gateway_settings(
+            tmp_path, cluster_url, cloud_url, control_plane="local",
+            relay_url=f"ws://127.0.0.1:{port}", relay_secret_file=str(secret),
+        )
+        app = create_app(settings)
+        with ServerThread(app) as server:
+            messages = ask("stream this while the relay dies")
+            raw = client(server.url).chat.completions.with_raw_response.create(
+                model="hpc/slow", messages=messages, stream=True
+            )
+            assert raw.headers["x-stream-transport"] == "relay"
+            text, finish, chunks = "", None, 0
+            for chunk in raw.parse():
+                for c in chunk.choices:
+                    text += c.delta.content or ""
+                    finish = c.finish_reason or finish
+                chunks += 1
+                if chunks == 5:
+                    relay.kill()
+            assert text == answer_text("slow", messages, 60) and finish == "stop"
+            assert app.state.runtime.backends["hpc"].healed == 1
+    finally:
+        relay.kill()
+        relay.wait()
