@@ -248,3 +248,61 @@ def test_chunks_are_patched_in_place_or_reencoded_with_the_same_result():
     assert _for_client([last], "ours", include_usage=False) == b""
     out = _for_client([last], "ours", include_usage=True).decode()
     assert json.loads(out[6:])["usage"]["total_tokens"] == 3
+
+
+def test_hpc_tier_settings_are_inferred_and_checked():
+    assert TierSettings.model_validate({"hpc": {"control_plane": "local"}}).kind == "hpc"
+    plain = TierSettings(kind="hpc")
+    assert plain.simulated and plain.hpc is not None and plain.hpc.transport == "relay"
+    assert not TierSettings(kind="hpc", base_url="http://node:8000/v1").simulated
+    with pytest.raises(ValueError, match="globus.endpoint_id"):
+        TierSettings.model_validate({"hpc": {"control_plane": "globus"}})
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        TierSettings.model_validate({"hpc": {"relay_url": "https://relay"}})
+    with pytest.raises(ValueError, match="kind 'hpc'"):
+        TierSettings.model_validate({"kind": "vllm", "base_url": "http://x/v1", "hpc": {}})
+
+
+def test_hpc_as_api_profile_keeps_everything_on_the_cluster():
+    s = Settings.model_validate({"server": {"profile": "hpc-as-api"}})
+    assert s.tiers["hpc"].kind == "hpc"
+    assert not s.tiers["local"].enabled and not s.tiers["cloud"].enabled
+    assert not s.routing.allow_cloud
+    assert all(s.routing.chain(level) == ["hpc"] for level in ("LOW", "MEDIUM", "HIGH"))
+    with pytest.raises(ValueError, match="kind 'hpc'"):
+        Settings.model_validate({"server": {"profile": "hpc-as-api"},
+                                 "tiers": {"hpc": {"base_url": "http://x/v1"}}})
+
+
+def test_globus_control_plane_hands_its_settings_to_the_sdk_executor(monkeypatch):
+    # A live endpoint needs Globus credentials and the internet; this checks the wiring.
+    import globus_compute_sdk
+
+    from streamllm.config import HPCSettings
+    from streamllm.hpc.control import make_control_plane
+
+    made = []
+
+    class RecordingExecutor:
+        def __init__(self, **kw):
+            made.append(kw)
+
+        def submit(self, fn, *args):
+            return ("submitted", fn, args)
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            made.append({"shutdown": (wait, cancel_futures)})
+
+    monkeypatch.setattr(globus_compute_sdk, "Executor", RecordingExecutor)
+    settings = HPCSettings.model_validate({"control_plane": "globus", "globus": {
+        "endpoint_id": "4b116d3c-1703-4f8f-9f6f-39921e5864df",
+        "user_endpoint_config": {"account": "abc123", "partition": "gpu"}, "amqp_port": 443,
+    }})
+    plane = make_control_plane(settings, "/tmp/unused")
+    assert plane.name == "globus"
+    assert made[0]["endpoint_id"] == "4b116d3c-1703-4f8f-9f6f-39921e5864df"
+    assert made[0]["user_endpoint_config"] == {"account": "abc123", "partition": "gpu"}
+    assert made[0]["amqp_port"] == 443
+    assert plane.submit(len, "x") == ("submitted", len, ("x",))
+    plane.shutdown()
+    assert made[-1] == {"shutdown": (False, True)}

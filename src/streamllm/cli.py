@@ -63,23 +63,34 @@ def serve(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
     settings = settings.model_copy(update={"server": server})
-    if not _is_loopback(server.host):
-        # API keys arrive with the multi-user issue; until then STREAM has no authentication,
-        # so it must not be reachable from other machines.
+    try:
+        has_keys = bool(server.load_api_keys())
+    except ConfigError as e:
+        typer.echo(f"streamllm: {e}", err=True)
+        raise typer.Exit(2) from None
+    if not _is_loopback(server.host) and not has_keys:
+        # Without keys anyone who can reach the port can spend the cluster's GPUs and the
+        # cloud budget, so an open server stays on this machine.
         typer.echo(
-            f"streamllm: refusing to bind {server.host}: this version has no API keys, so it "
-            "serves only on loopback (127.0.0.1 or ::1).",
+            f"streamllm: refusing to bind {server.host} without API keys: set server.api_keys "
+            "or server.api_keys_file, or serve on loopback (127.0.0.1 or ::1).",
             err=True,
         )
         raise typer.Exit(2)
     _setup_logging(server.log_level)
     from streamllm.gateway import create_app
 
+    try:
+        gateway = create_app(settings)
+    except ConfigError as e:
+        typer.echo(f"streamllm: {e}", err=True)
+        raise typer.Exit(2) from None
+
     logging.getLogger("streamllm").info(
         "STREAM listening on http://%s:%d (API at /v1)", server.host, server.port
     )
     uvicorn.run(
-        create_app(settings),
+        gateway,
         host=server.host,
         port=server.port,
         log_level=server.log_level,

@@ -133,9 +133,13 @@ class TierSettings(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _url_implies_openai(cls, data: Any) -> Any:
-        # A base_url with no kind means "an OpenAI-compatible server", never "simulate it".
-        if isinstance(data, dict) and data.get("base_url") and "kind" not in data:
-            return {**data, "kind": "openai"}
+        # With no kind, an hpc section means the HPC path, and a base_url "an OpenAI-compatible
+        # server"; neither ever means "simulate it".
+        if isinstance(data, dict) and "kind" not in data:
+            if data.get("hpc") is not None:
+                return {**data, "kind": "hpc"}
+            if data.get("base_url"):
+                return {**data, "kind": "openai"}
         return data
 
     @model_validator(mode="after")

@@ -34,6 +34,14 @@ class CloudNotAllowed(InvalidRequest):
     code = "cloud_not_allowed"
 
 
+class AuthenticationFailed(StreamError):
+    """No API key, or one this server does not know (OpenAI's wording and code)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class ModelNotFound(StreamError):
     status = 404
     type = "invalid_request_error"

@@ -14,11 +14,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from streamllm import __version__
 from streamllm.config import TIERS, Settings
-from streamllm.errors import ModelNotFound
+from streamllm.errors import ConfigError, ModelNotFound
 from streamllm.gateway import errors
+from streamllm.gateway.auth import ApiKeyAuth
 from streamllm.gateway.chat import ChatHandler
 from streamllm.gateway.middleware import RequestContext
-from streamllm.gateway.runtime import Runtime
+from streamllm.gateway.runtime import Runtime, preflight
 from streamllm.protocol.models import ModelCard, ModelList
 
 
@@ -28,6 +29,13 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
 
     def state(tier: str) -> str:
         return runtime.health[tier].state
+
+    if runtime.settings.server.profile == "hpc-as-api":
+        # The cluster's models by their own names, as vLLM itself would list them.
+        return [
+            ModelCard(id=model, owned_by=owner("hpc"), tier="hpc", state=state("hpc"))
+            for model in runtime.catalogue.get("hpc", ())
+        ]
 
     cards = [
         ModelCard(
@@ -55,6 +63,13 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    api_keys = settings.server.load_api_keys()
+    if settings.server.profile == "hpc-as-api" and not api_keys:
+        raise ConfigError(
+            "server.profile hpc-as-api requires API keys (server.api_keys or "
+            "server.api_keys_file): it is meant to be reached by other people"
+        )
+    preflight(settings)
     runtime = Runtime(settings)
 
     @contextlib.asynccontextmanager
@@ -71,7 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
-    app.add_middleware(RequestContext)
+    if api_keys:
+        app.add_middleware(ApiKeyAuth, keys=api_keys)
+    app.add_middleware(RequestContext)  # added last, so it runs first: 401s get request ids too
     chat = ChatHandler(runtime)
 
     # A plain Starlette route: the handler reads and validates its own body (to control the

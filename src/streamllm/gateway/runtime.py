@@ -252,6 +252,15 @@ class Runtime:
                 log.exception("tier health probe failed")
 
 
+def preflight(settings: Settings) -> None:
+    """Configuration problems that can be found before starting anything, raised as
+    ConfigError so that `serve` can say what is wrong instead of failing in startup."""
+    for ts in settings.tiers.values():
+        if ts.enabled and ts.kind == "hpc" and ts.hpc and ts.hpc.transport == "relay":
+            if ts.hpc.relay_url:
+                _relay_secret(ts.hpc.relay_secret_env, ts.hpc.relay_secret_file)
+
+
 def _relay_secret(env: str, path: str | None) -> bytes:
     if path:
         try:
