@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx2 as httpx
@@ -18,6 +19,8 @@ STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("STREAMLLM_") and k != "OPENROUTER_API_KEY"}
+    # The default hpc tier keeps Parsl's run directory in the data directory: not the home.
+    env["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="streamllm-test-")
     return {**env, **extra}
 
 

@@ -323,3 +323,25 @@ def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
     finally:
         relay.kill()
         relay.wait()
+
+
+def test_batch_transport_answers_from_the_control_plane_result_alone(cluster, tmp_path):
+    vllm, cluster_url, cloud_url = cluster
+    settings = gateway_settings(tmp_path, cluster_url, cloud_url, control_plane="local",
+                                transport="batch")
+    app = create_app(settings)
+    assert app.state.runtime.relay is None
+    with ServerThread(app) as server:
+        c = client(server.url)
+        for stream in (True, False):
+            messages = ask(f"no relay at this site (stream={stream})")
+            raw = c.chat.completions.with_raw_response.create(
+                model="hpc/m", messages=messages, stream=stream
+            )
+            assert raw.headers["x-stream-transport"] == "batch"
+            if stream:
+                text = read_stream(raw.parse())[0]
+            else:
+                text = raw.parse().choices[0].message.content
+            assert text == answer_text("m", messages, 24)
+        assert app.state.runtime.relay is None  # nothing was relayed: there is no relay
