@@ -121,3 +121,23 @@ async def test_producer_that_never_connects_fails_within_the_deadline(relay, vll
     with pytest.raises(BackendFailed, match="before the worker connected"):
         await collect(b.stream({"model": "m", "messages": MESSAGES}))
     assert time.monotonic() - started < 5
+
+
+class Refuses:
+    """A control plane that is down: every submission raises (an endpoint that is offline)."""
+
+    name = "down"
+
+    def submit(self, fn, *args):
+        raise ConnectionError("endpoint offline")
+
+    def shutdown(self):
+        pass
+
+
+async def test_a_control_plane_that_refuses_the_job_is_a_backend_failure(relay, vllm):
+    _, url = vllm
+    b = backend(Refuses(), f"ws://127.0.0.1:{relay.port}", url)
+    with pytest.raises(BackendFailed, match="refused the job: ConnectionError: endpoint offline"):
+        await collect(b.stream({"model": "m", "messages": MESSAGES}))
+    assert relay.health()["channels_opened"] == 0, "no channel is opened for a job never sent"

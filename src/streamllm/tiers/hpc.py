@@ -105,7 +105,11 @@ class HPCRelayBackend:
             key = f"{dispatch.idempotency_key}:{digest}"
         else:
             key = channel
-        sub = self.submitter.submit(key, run_completion, job)
+        try:
+            sub = self.submitter.submit(key, run_completion, job)
+        except Exception as e:  # the control plane is down or refused the job outright
+            raise self._failed(f"control plane {self.submitter.plane.name} refused the job: "
+                               f"{type(e).__name__}: {e}") from None
         return sub.future, sub.args[0], sub.started
 
     async def _dial(self, job: dict[str, Any]) -> RelayLink | None:
