@@ -345,3 +345,68 @@ def test_batch_transport_answers_from_the_control_plane_result_alone(cluster, tm
                 text = raw.parse().choices[0].message.content
             assert text == answer_text("m", messages, 24)
         assert app.state.runtime.relay is None  # nothing was relayed: there is no relay
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that only this test trusts (as a campus CA would be)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "relay.pem", tmp_path / "relay.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return cert_path, key_path
+
+
+def test_relay_over_tls_with_the_secret_in_the_environment(cluster, tmp_path, monkeypatch):
+    """The deployment in docs/hpc-as-api.md: `streamllm relay --tls-cert --tls-key`, wss:// on
+    both sides, the campus CA given by SSL_CERT_FILE, the secret in STREAMLLM_RELAY_SECRET."""
+    _, cluster_url, cloud_url = cluster
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted by the gateway and the workers
+    monkeypatch.setenv("STREAMLLM_RELAY_SECRET", SECRET)
+    port = closed_port()
+    relay = subprocess.Popen(
+        [STREAMLLM, "relay", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in relay.stderr:
+            if "relay on wss://" in line:
+                break
+        settings = gateway_settings(tmp_path, cluster_url, cloud_url, control_plane="local",
+                                    relay_url=f"wss://127.0.0.1:{port}")
+        app = create_app(settings)
+        with ServerThread(app) as server:
+            messages = ask("over TLS please")
+            raw = client(server.url).chat.completions.with_raw_response.create(
+                model="hpc/m", messages=messages, stream=True
+            )
+            assert raw.headers["x-stream-transport"] == "relay"
+            assert read_stream(raw.parse())[0] == answer_text("m", messages, 24)
+            backend = app.state.runtime.backends["hpc"]
+            assert backend.healed == 0 and backend.rejected == {}, "it really came by the relay"
+    finally:
+        relay.kill()
+        relay.wait()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -117,6 +118,16 @@ async def test_unreachable_relay_still_returns_the_whole_answer(vllm):
     result = await asyncio.to_thread(run_completion, job)
     assert result["relay_error"].startswith("relay unreachable")
     assert result["choices"][0]["content"] == answer_text("m", MESSAGES, 40)
+
+
+def test_a_job_that_starts_after_its_client_gave_up_does_not_run(vllm):
+    sim, backend = vllm
+    before = len(sim.log)
+    job = job_for(f"ws://127.0.0.1:{closed_port()}", backend, "w5", new_key())
+    job["start_by"] = time.time() - 1  # the gateway stopped waiting a second ago
+    result = run_completion(job)
+    assert result["error"]["status"] == 408 and result["cancelled"]
+    assert result["choices"] == [] and len(sim.log) == before, "the backend was never called"
 
 
 def test_worker_imports_nothing_heavy():

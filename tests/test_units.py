@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamllm.config import RoutingSettings, Settings, TierSettings, load_settings
-from streamllm.errors import CloudNotAllowed, ConfigError, ModelNotFound
+from streamllm.errors import CloudNotAllowed, ConfigError, InvalidRequest, ModelNotFound
 from streamllm.protocol.sse import SSEBytesDecoder, encode
 from streamllm.routing import RoutingPolicy, RulesJudge
 from streamllm.tiers.adapt import backend_body
@@ -306,3 +306,49 @@ def test_globus_control_plane_hands_its_settings_to_the_sdk_executor(monkeypatch
     assert plane.submit(len, "x") == ("submitted", len, ("x",))
     plane.shutdown()
     assert made[-1] == {"shutdown": (False, True)}
+
+
+def test_preflight_rejects_hpc_settings_that_could_never_work(monkeypatch):
+    from streamllm.gateway.runtime import preflight
+
+    def check(hpc, **tier):
+        preflight(Settings.model_validate({"tiers": {"hpc": {"kind": "hpc", "hpc": hpc,
+                                                             **tier}}}))
+
+    cluster = {"base_url": "http://gpu-node:8000/v1", "models": ["llama"]}
+    globus = {"control_plane": "globus", "globus": {"endpoint_id": "e"}}
+    with pytest.raises(ConfigError, match="base_url"):
+        check(globus)
+    with pytest.raises(ConfigError, match="models"):
+        check(globus, base_url="http://gpu-node:8000/v1")
+    with pytest.raises(ConfigError, match="relay_url"):
+        check({"control_plane": "parsl", "parsl": {"provider": "slurm"}}, **cluster)
+    monkeypatch.delenv("STREAMLLM_RELAY_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="token secret"):
+        check({**globus, "relay_url": "wss://relay.example.edu"}, **cluster)
+    monkeypatch.setenv("STREAMLLM_RELAY_SECRET", "s" * 32)
+    check({**globus, "relay_url": "wss://relay.example.edu"}, **cluster)  # all set: accepted
+    check({**globus, "transport": "batch"}, **cluster)  # no relay needed
+    check({"control_plane": "local"})  # the simulator on this machine is fine locally
+
+
+def test_the_relay_secret_variable_is_not_a_settings_override():
+    s = load_settings(environ={"STREAMLLM_RELAY_SECRET": "x" * 40, "STREAMLLM_PORT": "9001"})
+    assert s.server.port == 9001
+
+
+def test_idempotency_keys_are_scoped_to_the_caller():
+    from starlette.requests import Request
+
+    from streamllm.gateway.chat import idempotency_key
+
+    def key(auth):
+        headers = [(b"idempotency-key", b"retry-1")]
+        if auth:
+            headers.append((b"authorization", auth.encode()))
+        return idempotency_key(Request({"type": "http", "headers": headers}))
+
+    assert key("Bearer sk-a") == key("Bearer sk-a")
+    assert key("Bearer sk-a") != key("Bearer sk-b") != key(None)
+    with pytest.raises(InvalidRequest):
+        idempotency_key(Request({"type": "http", "headers": [(b"idempotency-key", b"a\x01")]}))

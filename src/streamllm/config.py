@@ -274,6 +274,8 @@ class Settings(_Strict):
 
 ENV_PREFIX = "STREAMLLM_"
 SERVER_SHORTHANDS = ("host", "port", "log_level")
+# STREAMLLM_ variables that are not settings: the config file's path, the relay's secret.
+NOT_OVERRIDES = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "RELAY_SECRET"}
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -283,7 +285,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NOT_OVERRIDES:
             continue
         path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
         if len(path) == 1 and path[0] in SERVER_SHORTHANDS:

@@ -8,6 +8,7 @@ that, a failure ends the stream with an OpenAI-style error event; no text is eve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -112,7 +113,9 @@ def idempotency_key(request: Request) -> str | None:
     if not 1 <= len(key) <= 255 or not key.isprintable():
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable characters",
                              param="Idempotency-Key")
-    return key
+    # Scoped to the caller's credentials: one user's key never joins another user's job.
+    caller = hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()[:16]
+    return f"{caller}:{key}"
 
 
 def _client_allows_cloud(req: ChatCompletionRequest, request: Request) -> bool:

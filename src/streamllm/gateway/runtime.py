@@ -10,6 +10,7 @@ The log and /v1/models say plainly which tiers are simulated.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import time
@@ -199,8 +200,13 @@ class Runtime:
                 return TierSettings(kind="ollama", base_url=url, models=models)
             self.origin[tier] = f"no Ollama with a pulled model at {url}"
         elif tier == "hpc":
-            self.origin[tier] = "not configured: local Parsl engine + in-process relay"
-            return TierSettings(kind="hpc")
+            # The whole dual-channel path on this machine; Parsl is an extra, so without it
+            # the jobs go to a local process pool instead.
+            if importlib.util.find_spec("parsl") is not None:
+                self.origin[tier] = "not configured: local Parsl engine + in-process relay"
+                return TierSettings(kind="hpc")
+            self.origin[tier] = "not configured, Parsl not installed: process pool + relay"
+            return TierSettings.model_validate({"hpc": {"control_plane": "local"}})
         elif tier == "cloud" and os.environ.get("OPENROUTER_API_KEY"):
             self.origin[tier] = "OPENROUTER_API_KEY is set"
             return TierSettings(
@@ -254,11 +260,40 @@ class Runtime:
 
 def preflight(settings: Settings) -> None:
     """Configuration problems that can be found before starting anything, raised as
-    ConfigError so that `serve` can say what is wrong instead of failing in startup."""
-    for ts in settings.tiers.values():
-        if ts.enabled and ts.kind == "hpc" and ts.hpc and ts.hpc.transport == "relay":
-            if ts.hpc.relay_url:
-                _relay_secret(ts.hpc.relay_secret_env, ts.hpc.relay_secret_file)
+    ConfigError so that `serve` can say what is wrong instead of failing in startup (or, worse,
+    starting something that can never work)."""
+    for name, ts in settings.tiers.items():
+        if not (ts.enabled and ts.kind == "hpc" and ts.hpc):
+            continue
+        h, where = ts.hpc, f"tiers.{name}"
+        remote = h.control_plane == "globus" or (
+            h.control_plane == "parsl" and h.parsl.provider != "local"
+        )
+        if remote and not ts.base_url:
+            raise ConfigError(
+                f"{where}.base_url: jobs on a cluster need the address of its vLLM as the "
+                "nodes reach it (only a control plane on this machine can use the simulator)"
+            )
+        if ts.base_url and not ts.models:
+            raise ConfigError(
+                f"{where}.models: list the models the cluster's vLLM serves; the gateway cannot "
+                "ask it, it is behind the cluster's firewall"
+            )
+        if remote and h.transport == "relay" and not h.relay_url:
+            raise ConfigError(
+                f"{where}.hpc.relay_url: cluster nodes cannot reach a relay on this machine's "
+                "loopback; run `streamllm relay` where they can, or set hpc.transport: batch"
+            )
+        extra = {"parsl": ("parsl", "parsl"), "globus": ("globus_compute_sdk", "globus")}
+        if h.control_plane in extra:
+            module, name_of_extra = extra[h.control_plane]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"{where}.hpc.control_plane {h.control_plane} needs the {module} package: "
+                    f"pip install 'streamllm[{name_of_extra}]'"
+                )
+        if h.transport == "relay" and h.relay_url:
+            _relay_secret(h.relay_secret_env, h.relay_secret_file)
 
 
 def _relay_secret(env: str, path: str | None) -> bytes:

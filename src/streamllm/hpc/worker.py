@@ -171,10 +171,20 @@ def run_completion(job: dict[str, Any]) -> dict[str, Any]:
     """Run one streamed completion on this node; return the backstop result.
 
     `job`: relay_url, channel, producer_token, key (32 bytes, or None for an unencrypted
-    channel), backend_url, body (the chat request), optional api_key_env, backend_timeout_s.
+    channel), backend_url, body (the chat request), optional api_key_env, backend_timeout_s,
+    start_by (wall-clock time after which the job is not worth starting).
     """
     started = time.monotonic()
     started_at = time.time()  # wall clock, so the gateway can tell dispatch from generation
+    start_by = job.get("start_by")
+    if start_by is not None and started_at > start_by:
+        # The job sat in the cluster's queue past the point where its client gave up: nobody
+        # will read this answer, so do not spend the GPU on it.
+        return Backstop().result(
+            error={"status": 408, "message": "job started after its client had given up"},
+            cancelled=True, relay_error=None, frames=0, seconds=0.0,
+            started_at=started_at, first_chunk_at=None,
+        )
     first_chunk_at: float | None = None
     relay = _Relay(job)
     backstop = Backstop()

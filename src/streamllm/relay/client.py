@@ -51,6 +51,9 @@ async def dial(
     if resume_from is not None:
         headers["x-stream-resume-from"] = str(resume_from)
     url = f"{relay_url.rstrip('/')}/v1/channels/{channel}"
+    # websockets makes its own default TLS context for wss:// (honouring SSL_CERT_FILE for a
+    # campus CA) only when it is given none; ssl=None with wss:// is an error to it.
+    tls = {"ssl": ssl} if ssl is not None else {}
     try:
         conn = await connect(
             url,
@@ -58,7 +61,7 @@ async def dial(
             open_timeout=open_timeout,
             max_size=MAX_PAYLOAD + HEADER_SIZE,
             compression=None,
-            ssl=ssl,
+            **tls,
         )
     except InvalidStatus as e:
         status = e.response.status_code

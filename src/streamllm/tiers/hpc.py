@@ -39,6 +39,7 @@ log = logging.getLogger("streamllm.hpc")
 Transport = Literal["relay", "batch"]
 
 
+START_SLACK_S = 30.0  # clock difference we tolerate between the gateway and cluster nodes
 RELAY_GRACE_S = 2.0  # how long the relay may lag behind a finished job's result
 
 _RESULT = object()  # queued when the control-plane future completes
@@ -97,6 +98,9 @@ class HPCRelayBackend:
             "backend_timeout_s": self.deadlines.total,
         }
         if self.transport == "relay":
+            # Past the producer deadline we have given up (unless a retry joins, within the
+            # same window), so a job that starts later only burns GPU time; slack for clocks.
+            job["start_by"] = time.time() + self.deadlines.producer_connect + START_SLACK_S
             job["relay_url"] = self.relay_url
             job["producer_token"] = mint(self._secret, channel, "producer", self._ttl)  # type: ignore[arg-type]
         if dispatch.idempotency_key:
