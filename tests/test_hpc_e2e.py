@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx2
 import openai
 import pytest
 
@@ -406,7 +405,8 @@ def test_relay_over_tls_with_the_secret_in_the_environment(cluster, tmp_path, mo
             assert raw.headers["x-stream-transport"] == "relay"
             assert read_stream(raw.parse())[0] == answer_text("m", messages, 24)
             backend = app.state.runtime.backends["hpc"]
-            assert backend.healed == 0 and backend.rejected == {}, "it really came by the relay"
+            assert backend.healed == 0 and backend.rejected == {}, (
+                f"it really came by the relay, not: {backend.last_heal_reason}")
     finally:
         relay.kill()
         relay.wait()

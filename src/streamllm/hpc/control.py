@@ -12,6 +12,7 @@ future of the job already running instead of starting a second GPU job.
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 import os
 import sys
 import threading
@@ -36,7 +37,12 @@ class LocalControlPlane:
     name = "local"
 
     def __init__(self, max_workers: int = 4):
-        self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=max_workers)
+        # Spawned, not forked: the gateway has threads (its event loop's helpers, TLS, the
+        # relay), and a child forked while one of them held a lock can hang in it; this was
+        # seen as a worker's relay handshake timing out. A spawned worker also sees the
+        # environment as it is now (not as a fork server saw it when it started).
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         return self._pool.submit(fn, *args)

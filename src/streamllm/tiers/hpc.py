@@ -75,6 +75,7 @@ class HPCRelayBackend:
         self.api_key_env = api_key_env
         self.models = list(models or [])
         self.healed = 0  # streams completed from the backstop after the relay failed
+        self.last_heal_reason = ""  # why the last one was, for logs and diagnosis
         self.rejected: dict[str, int] = {}  # frames refused, by error type (tampered, ...)
         via = f"relay at {relay_url}" if transport == "relay" else "batch results"
         self.name = f"{submitter.plane.name} control plane, {via}"
@@ -148,6 +149,7 @@ class HPCRelayBackend:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         result.add_done_callback(lambda _: queue.put_nowait(_RESULT))
         reader = asyncio.create_task(_read(link, queue)) if link is not None else None
+        why = ""  # why the rest comes from the job's result, when it does
         try:
             heal = link is None
             relay_grace: float | None = None  # the job is done: the relay gets until then
@@ -165,6 +167,7 @@ class HPCRelayBackend:
                         items = [await queue.get()]
                 except TimeoutError:
                     if relay_grace is not None:
+                        why = "the relay lagged behind the job's result"
                         break  # the relay is slower than the result: heal from it
                     phase = "between tokens" if seen_output else (
                         "before the worker connected" if opener.next_seq == 0 else
@@ -183,13 +186,14 @@ class HPCRelayBackend:
                             opener.end()  # a relay that hangs up early truncated the stream
                         except RelayError as e:
                             self._reject(e, job)
-                        heal = True
+                        heal, why = True, "the relay connection ended early"
                         continue
                     if item is _RESULT:
                         # The worker has sent its last frame; it may still be on its way
                         # (results can overtake the relay), so wait briefly for the relay.
                         if _relay_has_nothing_more(result, opener.next_seq):
-                            heal = True
+                            heal, why = True, _worker_relay_error(result) or (
+                                "the job ended with nothing more on the relay")
                         else:
                             relay_grace = loop.time() + RELAY_GRACE_S
                         continue
@@ -197,7 +201,7 @@ class HPCRelayBackend:
                         ftype, payload = opener.open(item)
                     except RelayError as e:
                         self._reject(e, job)
-                        heal = True
+                        heal, why = True, f"a frame was rejected: {type(e).__name__}"
                         continue
                     if ftype is FrameType.DATA:
                         chunk = json.loads(payload)
@@ -214,6 +218,10 @@ class HPCRelayBackend:
                     yield batch
                 if done:
                     return
+            if link is not None:
+                self.last_heal_reason = why
+                log.warning("relay channel %s…: %s; the rest comes from the job's result",
+                            job["channel"][:8], why)
             async for batch in self._heal(result, delivered, started, relayed=link is not None):
                 yield batch
         except BaseException:
@@ -321,6 +329,13 @@ def _relay_has_nothing_more(result: asyncio.Future[Any], received: int) -> bool:
         return True
     outcome = result.result()
     return bool(outcome.get("relay_error")) or outcome.get("frames", 0) <= received
+
+
+def _worker_relay_error(result: asyncio.Future[Any]) -> str | None:
+    if result.exception() is not None:
+        return f"the job failed: {result.exception()}"
+    error = result.result().get("relay_error")
+    return f"the worker's relay link failed: {error}" if error else None
 
 
 async def _read(link: RelayLink, queue: asyncio.Queue[Any]) -> None:
