@@ -1,4 +1,4 @@
-"""Pure parts without sockets: SSE codec, request adaptation, judge, routing policy, config."""
+"""Pure parts without sockets: SSE codec, request adaptation, config."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamllm.config import RoutingSettings, Settings, TierSettings, load_settings
-from streamllm.errors import CloudNotAllowed, ConfigError, InvalidRequest, ModelNotFound
+from streamllm.errors import ConfigError, InvalidRequest
 from streamllm.protocol.sse import SSEBytesDecoder, encode
-from streamllm.routing import RoutingPolicy, RulesJudge
 from streamllm.tiers.adapt import backend_body
 
 # -- SSE ---------------------------------------------------------------------------------------
@@ -91,67 +90,6 @@ def test_backend_body_for_ollama_uses_max_tokens():
     tier = TierSettings(kind="ollama", base_url="http://x/v1", drop_params=["seed"])
     out = backend_body({"max_completion_tokens": 9, "seed": 1}, "m", tier, stream=False)
     assert out == {"model": "m", "max_tokens": 9}
-
-
-# -- judge and policy --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, label",
-    [
-        ("hi!", "LOW"),
-        ("What is the capital of Peru?", "LOW"),
-        ("Explain how to convert Celsius to Fahrenheit.", "MEDIUM"),
-        ("Write a Python function that reverses a list.", "MEDIUM"),
-        ("Derive the posterior for a Gaussian process and design an experiment to test it, "
-         "discussing the trade-offs.", "HIGH"),
-    ],
-)
-def test_rules_judge_labels(text, label):
-    j = RulesJudge().judge(text)
-    assert j.label == label
-    assert abs(sum(j.probabilities.values()) - 1) < 1e-9
-    assert max(j.probabilities, key=j.probabilities.get) == label
-
-
-CATALOGUE = {"local": ["llama"], "hpc": ["big", "bigger"], "cloud": ["gpt"]}
-
-
-def policy(**routing) -> RoutingPolicy:
-    return RoutingPolicy(RoutingSettings(**routing), CATALOGUE, {"fast": "local", "x": "y"})
-
-
-def tiers_of(route):
-    return [c.tier for c in route.candidates]
-
-
-def test_policy_auto_follows_chain_and_health():
-    p = policy()
-    assert tiers_of(p.route("auto", "hi")) == ["local", "hpc", "cloud"]
-    r = p.route("auto", "hi", healthy=lambda t: t != "local")
-    assert tiers_of(r) == ["hpc", "cloud", "local"], "unhealthy tiers go last, not away"
-    assert tiers_of(p.route("auto", "hi", allow_cloud=False)) == ["local", "hpc"]
-    assert tiers_of(policy(allow_cloud=False).route("auto", "hi", allow_cloud=True)) == [
-        "local", "hpc"
-    ]
-
-
-def test_policy_explicit_names():
-    p = policy()
-    assert p.route("hpc", "").candidates[0].model == "big"
-    assert p.route("hpc/bigger", "").candidates[0].model == "bigger"
-    assert p.route("bigger", "").candidates[0].tier == "hpc"
-    assert tiers_of(p.route("fast", "")) == ["local"]
-    assert p.route("hpc", "").complexity is None
-    with pytest.raises(ModelNotFound):
-        p.route("hpc/nope", "")
-    with pytest.raises(ModelNotFound):
-        p.route("x", "")
-    with pytest.raises(CloudNotAllowed):
-        p.route("cloud/gpt", "", allow_cloud=False)
-    assert tiers_of(policy(fallback_on_explicit=True).route("hpc", "")) == [
-        "hpc", "cloud", "local"
-    ]
 
 
 # -- config ------------------------------------------------------------------------------------

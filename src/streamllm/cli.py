@@ -1,4 +1,5 @@
-"""The `streamllm` command: `serve` the gateway, run the `sim`ulated backend."""
+"""The `streamllm` command: `serve` the gateway, the `sim`ulated backend, the `relay`, and
+the complexity `judge`'s tools."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import yaml
 
 from streamllm.config import SimSettings, load_settings
 from streamllm.errors import ConfigError
+from streamllm.judge_cli import judge_app
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="STREAM: one OpenAI-compatible endpoint over local, HPC and cloud LLM tiers.",
 )
+app.add_typer(judge_app, name="judge")
 
 ConfigOption = Annotated[
     Optional[Path],

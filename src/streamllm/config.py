@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +50,9 @@ class SimModelSettings(_Strict):
     stall_after: Annotated[int, Field(ge=0)] | None = None  # stop sending after N tokens...
     stall_s: Annotated[float, Field(ge=0)] = 3600.0  # ...for this long
     honours_max_completion_tokens: bool = True  # False behaves like Ollama
+    # A fixed answer instead of the generated one ("" answers nothing): for testing callers
+    # that read what a model says, such as the LLM complexity judge.
+    reply: str | None = None
 
 
 class SimSettings(_Strict):
@@ -111,6 +116,11 @@ class HPCSettings(_Strict):
         return self
 
 
+class Price(_Strict):
+    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+
+
 class TierSettings(_Strict):
     """How one tier is reached. `kind: simulator` (or no `base_url`) means the embedded simulator."""
 
@@ -121,6 +131,10 @@ class TierSettings(_Strict):
     models: list[str] = Field(default_factory=list)  # first one is the tier's default
     timeouts: Timeouts = Field(default_factory=Timeouts)
     drop_params: list[str] = Field(default_factory=list)  # request fields this backend rejects
+    # Tokens the tier's models hold (prompt + answer); none: unknown, never skipped for size.
+    context_window: Annotated[int, Field(ge=16)] | None = None
+    # USD per million tokens, by model name ("*" for any other model of the tier).
+    prices: dict[str, Price] = Field(default_factory=dict)
     max_connections: Annotated[int, Field(ge=1)] = 256
     # "auto": streamed completions over plain http:// (with no proxy in the environment for
     # that host) use STREAM's lean HTTP/1.1 client; "httpx" always uses httpx2.
@@ -157,13 +171,66 @@ class TierSettings(_Strict):
         """Answers are synthetic: the simulator is the backend (or the cluster's backend)."""
         return self.kind == "simulator" or (self.kind == "hpc" and not self.base_url)
 
+    def price(self, model: str) -> Price | None:
+        return self.prices.get(model) or self.prices.get("*")
+
     @property
     def default_model(self) -> str | None:
         return self.models[0] if self.models else None
 
 
+class LLMJudgeSettings(_Strict):
+    """The language model the `llm` and `cascade` judges ask."""
+
+    tier: TierName = "local"
+    model: str | None = None  # default: the tier's default model
+    timeout_s: Seconds = 2.0  # after this the classifier decides instead
+
+
+class JudgeSettings(_Strict):
+    kind: Literal["classifier", "llm", "cascade"] = "classifier"
+    model_path: str | None = None  # a classifier trained with `streamllm judge train --out`
+    cascade_threshold: Probability = 0.6  # classifier confidence below which the LLM is asked
+    llm: LLMJudgeSettings = Field(default_factory=LLMJudgeSettings)
+    context_turns: Annotated[int, Field(ge=0, le=10)] = 2  # earlier user turns shown to it
+    cache_size: Annotated[int, Field(ge=0)] = 4096
+
+
+class PrivacySettings(_Strict):
+    """Requests that carry personal data or secrets stay on in-house tiers (local, hpc)."""
+
+    detect: bool = True
+    kinds: list[Literal["email", "phone", "national_id", "card", "api_key", "private_key"]] = (
+        Field(default_factory=lambda: ["email", "phone", "national_id", "card", "api_key",
+                                       "private_key"]))
+    patterns: dict[str, str] = Field(default_factory=dict)  # name -> regular expression
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "PrivacySettings":
+        for name, pattern in self.patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"patterns.{name} is not a valid regular expression: {e}")
+        return self
+
+
+class BudgetSettings(_Strict):
+    """A soft cloud budget. Until the usage ledger exists it is counted per gateway process
+    and starts again at zero when the process restarts."""
+
+    usd: Annotated[float, Field(gt=0)] | None = None  # for all callers together; none: no budget
+    soft_start: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # share spent where it starts to bite
+
+
 class RoutingSettings(_Strict):
     allow_cloud: bool = True
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    # `auto` sends a request to the HIGH tier only when the judge's P(HIGH) reaches this;
+    # a budget being spent raises it smoothly towards 1.
+    high_threshold: Probability = 0.5
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     tier_for: dict[Complexity, TierName] = Field(
         default_factory=lambda: {"LOW": "local", "MEDIUM": "hpc", "HIGH": "cloud"}
     )
@@ -206,6 +273,19 @@ class RoutingSettings(_Strict):
         return ([first] if first else []) + rest
 
 
+class ApiKeySettings(_Strict):
+    """One accepted API key and what it may do (until the multi-user store replaces this)."""
+
+    key: Annotated[str, Field(min_length=8)]
+    name: str | None = None  # for logs and budgets; default: a short digest of the key
+    allow_cloud: bool = True  # false keeps this key's requests on local and hpc
+    budget_usd: Annotated[float, Field(gt=0)] | None = None  # soft cloud budget, per process
+
+    @property
+    def holder(self) -> str:
+        return self.name or "key-" + hashlib.sha256(self.key.encode()).hexdigest()[:8]
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -217,17 +297,25 @@ class ServerSettings(_Strict):
     data_dir: str = Field(default_factory=lambda: _default_data_dir())
     # "hpc-as-api": serve only the hpc tier's models, and require API keys.
     profile: Literal["stream", "hpc-as-api"] = "stream"
-    api_keys: list[str] = Field(default_factory=list)  # accepted Bearer keys (none: open)
+    # Accepted Bearer keys (none: open, loopback only): a key, or a key with its limits.
+    api_keys: list[str | ApiKeySettings] = Field(default_factory=list)
     api_keys_file: str | None = None  # one key per line; '#' starts a comment
 
-    def load_api_keys(self) -> list[str]:
-        keys = [k for k in self.api_keys if k]
+    def load_api_keys(self) -> list[ApiKeySettings]:
+        keys = [k if isinstance(k, ApiKeySettings) else ApiKeySettings(key=k)
+                for k in self.api_keys if k]
         if self.api_keys_file:
             try:
                 lines = Path(self.api_keys_file).expanduser().read_text().splitlines()
             except OSError as e:
                 raise ConfigError(f"server.api_keys_file: cannot read it: {e}") from None
-            keys += [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+            for ln in lines:
+                key = ln.split("#", 1)[0].strip()
+                if not key:
+                    continue
+                if len(key) < 8:
+                    raise ConfigError("server.api_keys_file: a key is shorter than 8 characters")
+                keys.append(ApiKeySettings(key=key))
         return keys
 
 

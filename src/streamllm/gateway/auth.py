@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from typing import Any
 
+from streamllm.config import ApiKeySettings
 from streamllm.errors import AuthenticationFailed
 from streamllm.gateway.errors import error_response
 
@@ -21,17 +22,20 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeyAuth:
-    def __init__(self, app: Any, keys: list[str]):
+    """On success the key's settings are left in the request state as `api_key`."""
+
+    def __init__(self, app: Any, keys: list[ApiKeySettings]):
         if not keys:
             raise ValueError("ApiKeyAuth needs at least one key")
         self.app = app
-        self._digests = [_digest(k) for k in keys]
+        self._keys = [(_digest(k.key), k) for k in keys]
 
-    def _known(self, key: str) -> bool:
+    def _known(self, key: str) -> ApiKeySettings | None:
         candidate = _digest(key)
-        found = False
-        for known in self._digests:  # no early exit: time does not depend on which key matched
-            found |= hmac.compare_digest(candidate, known)
+        found = None
+        for digest, entry in self._keys:  # no early exit: time does not depend on the match
+            if hmac.compare_digest(candidate, digest):
+                found = entry
         return found
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -44,15 +48,17 @@ class ApiKeyAuth:
                 auth = value.decode("latin-1")
                 break
         scheme, _, key = auth.partition(" ")
+        entry = self._known(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if entry is not None:
+            scope.setdefault("state", {})["api_key"] = entry
+            await self.app(scope, receive, send)
+            return
         if scheme.lower() != "bearer" or not key.strip():
             err = AuthenticationFailed(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
             )
-        elif not self._known(key.strip()):
-            err = AuthenticationFailed("Incorrect API key provided.")
         else:
-            await self.app(scope, receive, send)
-            return
+            err = AuthenticationFailed("Incorrect API key provided.")
         response = error_response(err)
         response.headers["www-authenticate"] = "Bearer"
         await response(scope, receive, send)

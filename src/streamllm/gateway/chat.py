@@ -19,6 +19,8 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
+from streamllm.config import ApiKeySettings
+from streamllm.context.tokens import estimate_messages
 from streamllm.errors import (
     BackendFailed,
     BackendRateLimited,
@@ -33,7 +35,7 @@ from streamllm.gateway.errors import envelope
 from streamllm.gateway.runtime import Runtime
 from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
-from streamllm.routing.policy import Candidate, Route
+from streamllm.routing.policy import Candidate, RequestFacts, Route
 from streamllm.tiers.adapt import backend_body
 from streamllm.tiers.base import Chunk, Dispatch
 from streamllm.tiers.openai_http import has_output
@@ -118,7 +120,10 @@ def idempotency_key(request: Request) -> str | None:
     return f"{caller}:{key}"
 
 
-def _client_allows_cloud(req: ChatCompletionRequest, request: Request) -> bool:
+def _client_allows_cloud(req: ChatCompletionRequest, request: Request,
+                         key: ApiKeySettings | None) -> bool:
+    if key is not None and not key.allow_cloud:
+        return False
     header = request.headers.get("x-stream-allow-cloud")
     if header is not None and header.strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -139,15 +144,10 @@ class ChatHandler:
             log.info("request %s prompt: %r", request.state.request_id, req.latest_user_text())
         if req.unknown_fields():
             log.debug("passing on unknown request fields: %s", ", ".join(req.unknown_fields()))
-        assert self.runtime.policy is not None
-        route = self.runtime.policy.route(
-            req.model,
-            req.latest_user_text(),
-            allow_cloud=_client_allows_cloud(req, request),
-            healthy=self.runtime.healthy,
-        )
+        key: ApiKeySettings | None = getattr(request.state, "api_key", None)
+        route = await self._route(req, request, key)
         headers = request.state.stream_headers
-        headers["x-stream-complexity"] = route.complexity or "none"
+        _explain(headers, route)
         request_id = request.state.request_id
         overhead_ms = (time.perf_counter() - arrived) * 1000
         headers["x-stream-overhead-ms"] = f"{overhead_ms:.3f}"
@@ -156,13 +156,13 @@ class ChatHandler:
         try:
             if req.wants_stream:
                 cand, stream, held, failures, dispatch = await self._open(body, route, idem)
-                self._label(headers, cand, failures)
+                self._label(headers, cand, failures, route)
                 headers.update(dispatch.headers)
                 handed_over = True  # from here the response owns the watch
                 return RelayResponse(
-                    self._relay(req, cand, stream, held, request_id), watch, SSE_HEADERS
+                    self._relay(req, cand, stream, held, request_id, key), watch, SSE_HEADERS
                 )
-            return await self._complete(body, route, headers, request_id, idem)
+            return await self._complete(body, route, headers, request_id, idem, key)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -171,6 +171,25 @@ class ChatHandler:
         finally:
             if not handed_over:
                 watch.stop()
+
+    async def _route(self, req: ChatCompletionRequest, request: Request,
+                     key: ApiKeySettings | None) -> Route:
+        runtime = self.runtime
+        assert runtime.policy is not None and runtime.judge is not None
+        found = runtime.detector.first(req.all_texts()) if runtime.detector else None
+        facts = RequestFacts(
+            allow_cloud=_client_allows_cloud(req, request, key),
+            sensitive=found.kind if found else None,
+            prompt_tokens=estimate_messages(req.all_texts(), req.attachment_count())
+            + (req.output_limit or 0),
+            high_threshold=runtime.high_threshold(key),
+        )
+        judgement = None
+        if runtime.policy.needs_judgement(req.model):
+            judgement = await runtime.judge.judge(
+                req.latest_user_text(),
+                req.earlier_user_texts(self.settings.routing.judge.context_turns))
+        return runtime.policy.route(req.model, facts, judgement, healthy=runtime.healthy)
 
     # -- shared fallback loop ------------------------------------------------------------------
     def _give_up(self, route: Route, failures: list[StreamError]) -> StreamError:
@@ -190,14 +209,20 @@ class ChatHandler:
         log.warning("tier %s (%s) failed before output: %s", cand.tier, cand.model, err.message)
 
     @staticmethod
-    def _label(headers: dict[str, str], cand: Candidate, failures: list[StreamError]) -> None:
+    def _label(headers: dict[str, str], cand: Candidate, failures: list[StreamError],
+               route: Route) -> None:
         headers["x-stream-tier"] = cand.tier
         headers["x-stream-model"] = cand.model
         if failures:
             headers["x-stream-fallbacks"] = str(len(failures))
+            # The tiers tried before this one failed for this very request.
+            served = route.candidates.index(cand)
+            extra = [f"fallback:{c.tier}-down" for c in route.candidates[:served]]
+            headers["x-stream-route-reason"] = ",".join([*route.reasons, *extra])
 
     # -- non-streaming -------------------------------------------------------------------------
-    async def _complete(self, body, route: Route, headers, request_id, idem) -> Response:
+    async def _complete(self, body, route: Route, headers, request_id, idem,
+                        key: ApiKeySettings | None) -> Response:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
@@ -211,8 +236,9 @@ class ChatHandler:
                 self._note_failure(cand, e)
                 continue
             self.runtime.mark_ok(cand.tier)
-            self._label(headers, cand, failures)
+            self._label(headers, cand, failures, route)
             headers.update(dispatch.headers)
+            self.runtime.record_cost(cand.tier, cand.model, result.get("usage"), key)
             result["id"] = f"chatcmpl-{request_id}"
             return JSONResponse(result)
         raise self._give_up(route, failures)
@@ -248,14 +274,18 @@ class ChatHandler:
         raise self._give_up(route, failures)
 
     async def _relay(
-        self, req: ChatCompletionRequest, cand: Candidate, stream, held, request_id: str
+        self, req: ChatCompletionRequest, cand: Candidate, stream, held, request_id: str,
+        key: ApiKeySettings | None,
     ) -> AsyncIterator[bytes]:
         chunk_id = f"chatcmpl-{request_id}"
         include_usage = req.wants_usage_chunk
         outcome = "completed"
+        usage: dict | None = None
         try:
+            usage = _usage_in(held) or usage
             yield _for_client(held, chunk_id, include_usage)
             async for batch in stream:
+                usage = _usage_in(batch) or usage
                 out = _for_client(batch, chunk_id, include_usage)
                 if out:
                     yield out
@@ -271,10 +301,32 @@ class ChatHandler:
             raise
         finally:
             await stream.aclose()
+            # What was generated is paid for, whether or not the client stayed to read it.
+            self.runtime.record_cost(cand.tier, cand.model, usage, key)
             log.info(
                 "request %s tier=%s model=%s stream outcome=%s",
                 request_id, cand.tier, cand.model, outcome,
             )
+
+
+def _usage_in(batch: list[Chunk]) -> dict | None:
+    for chunk in batch:
+        usage = chunk.data.get("usage")
+        if usage:
+            return usage
+    return None
+
+
+def _explain(headers: dict[str, str], route: Route) -> None:
+    """Why the request went where it did, in response headers (never in the SSE stream,
+    which standard clients must be able to parse)."""
+    headers["x-stream-complexity"] = route.complexity or "none"
+    headers["x-stream-route-reason"] = route.reason
+    j = route.judgement
+    if j is not None:
+        headers["x-stream-judge"] = j.judge
+        headers["x-stream-judge-confidence"] = f"{j.confidence:.3f}"
+        headers["x-stream-judge-ms"] = f"{j.latency_ms:.3f}"
 
 
 def _for_client(batch: list[Chunk], chunk_id: str, include_usage: bool) -> bytes:

@@ -18,15 +18,26 @@ from dataclasses import dataclass, field
 
 import httpx2
 
-from streamllm.config import TIERS, Settings, SimModelSettings, SimSettings, TierSettings
+from streamllm.config import (
+    TIERS,
+    ApiKeySettings,
+    Settings,
+    SimModelSettings,
+    SimSettings,
+    TierSettings,
+)
 from streamllm.errors import ConfigError
 from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_control_plane
 from streamllm.hpc.worker import ping
 from streamllm.relay.server import RelayServer
 from streamllm.routing import RoutingPolicy
+from streamllm.routing.budget import EVERYONE, SpendLedger, cost_usd, effective_high_threshold
+from streamllm.routing.judge import Judge, build_judge
+from streamllm.routing.privacy import SensitiveDataDetector
 from streamllm.serving import ServerTask
 from streamllm.sim.app import Simulator
 from streamllm.tiers import Backend, OpenAIHTTPBackend
+from streamllm.tiers.adapt import backend_body
 from streamllm.tiers.hpc import HPCRelayBackend
 
 log = logging.getLogger("streamllm.gateway")
@@ -72,6 +83,10 @@ class Runtime:
     _warmups: list[asyncio.Task[None]] = field(default_factory=list)
     _monitor: asyncio.Task[None] | None = None
     policy: RoutingPolicy | None = None
+    judge: Judge | None = None
+    detector: SensitiveDataDetector | None = None
+    windows: dict[str, int | None] = field(default_factory=dict)  # tier -> context window
+    spend: SpendLedger = field(default_factory=SpendLedger)
 
     # -- health seen by the router -------------------------------------------------------------
     def healthy(self, tier: str) -> bool:
@@ -95,6 +110,25 @@ class Runtime:
 
     def simulated(self, tier: str) -> bool:
         return tier in self.sim_tiers
+
+    # -- budget ------------------------------------------------------------------------------
+    def record_cost(self, tier: str, model: str, usage: dict | None,
+                    key: ApiKeySettings | None) -> float:
+        ts = self.tiers.get(tier)
+        usd = cost_usd(usage, ts.price(model) if ts else None)
+        self.spend.add(key.holder if key else None, usd)
+        return usd
+
+    def high_threshold(self, key: ApiKeySettings | None) -> float:
+        """P(HIGH) `auto` needs for the HIGH tier, raised by whichever budget is tighter."""
+        routing = self.settings.routing
+        base, soft = routing.high_threshold, routing.budget.soft_start
+        found = effective_high_threshold(base, self.spend.spent(EVERYONE), routing.budget.usd,
+                                         soft)
+        if key is not None and key.budget_usd is not None:
+            found = max(found, effective_high_threshold(
+                base, self.spend.spent(key.holder), key.budget_usd, soft))
+        return found
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,9 +168,34 @@ class Runtime:
                     "tier %s is SIMULATED: answers are synthetic; configure tiers.%s to use a "
                     "real backend", tier, tier,
                 )
-        self.policy = RoutingPolicy(self.settings.routing, self.catalogue, self.settings.aliases)
+        for tier, ts in resolved.items():
+            spec = ts.simulator or SIM_PROFILES.get(tier) if tier in self.sim_tiers else None
+            self.windows[tier] = ts.context_window or (spec.context_window if spec else None)
+        self.policy = RoutingPolicy(self.settings.routing, self.catalogue, self.settings.aliases,
+                                    self.windows)
+        self.judge = self._judge()
+        privacy = self.settings.routing.privacy
+        if privacy.detect:
+            self.detector = SensitiveDataDetector(privacy.patterns, privacy.kinds)
         await self.probe_all()
         self._monitor = asyncio.create_task(self._watch(), name="tier-health")
+
+    def _judge(self) -> Judge:
+        js = self.settings.routing.judge
+        if js.kind == "classifier":
+            return build_judge(js)
+        tier = js.llm.tier
+        ts, backend = self.tiers.get(tier), self.backends.get(tier)
+        model = js.llm.model or (self.catalogue[tier][0] if self.catalogue.get(tier) else None)
+        if ts is None or backend is None or model is None:
+            raise ConfigError(f"routing.judge.kind {js.kind} asks the {tier} tier's model, and "
+                              f"that tier is disabled or has no models")
+
+        async def complete(body: dict) -> dict:
+            return await backend.complete(backend_body(body, model, ts, stream=False))
+
+        log.info("complexity judge: %s, asking %s/%s", js.kind, tier, model)
+        return build_judge(js, complete, model)
 
     async def stop(self) -> None:
         if self._monitor:

@@ -185,6 +185,29 @@ class ChatCompletionRequest(_Open):
                 return message.text()
         return ""
 
+    def earlier_user_texts(self, turns: int) -> list[str]:
+        """Up to `turns` user turns before the latest one, oldest first."""
+        users = [m.text() for m in self.messages if m.role == "user"][:-1]
+        return users[-turns:] if turns else []
+
+    def all_texts(self) -> list[str]:
+        """Every piece of text the request would send a backend: message text and tool-call
+        arguments."""
+        out = []
+        for m in self.messages:
+            out.append(m.text())
+            for call in m.tool_calls or ():
+                out.append(f"{call.function.name} {call.function.arguments}")
+        return out
+
+    def attachment_count(self) -> int:
+        return sum(1 for m in self.messages if isinstance(m.content, list)
+                   for p in m.content if not isinstance(p, TextPart))
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
 
 class Usage(_Open):
     prompt_tokens: int

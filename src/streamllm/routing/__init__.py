@@ -1,6 +1,6 @@
 """Routing: judge a request's complexity and turn it into an ordered list of tier candidates."""
 
-from streamllm.routing.judge import Judgement, RulesJudge
-from streamllm.routing.policy import Candidate, Route, RoutingPolicy
+from streamllm.routing.judge import Judgement
+from streamllm.routing.policy import Candidate, RequestFacts, Route, RoutingPolicy
 
-__all__ = ["Candidate", "Judgement", "Route", "RoutingPolicy", "RulesJudge"]
+__all__ = ["Candidate", "Judgement", "RequestFacts", "Route", "RoutingPolicy"]

@@ -1,19 +1,24 @@
 """Which tier and model serve a request, and in what order to fall back (pure: no I/O).
 
-An explicit model wins; `auto` asks the judge and follows the fallback chain for its label.
-Privacy (`allow_cloud`) is applied last, to every candidate, so no fallback can break it.
+An explicit model wins. For `auto` the judge's probabilities pick a complexity level (HIGH only
+when P(HIGH) reaches the threshold, which a spent budget raises), the level's chain gives the
+tiers in order, and then, in this order: privacy (sensitive data or a caller that forbids the
+cloud removes it), context size (a tier whose window cannot hold the request is skipped) and
+health (a tier that just failed is tried last). Privacy is applied to every candidate, so no
+fallback can break it. The route's reasons say what happened, for `x-stream-route-reason`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from streamllm.config import COMPLEXITIES, TIERS, RoutingSettings
-from streamllm.errors import CloudNotAllowed, ModelNotFound, TierUnavailable
-from streamllm.routing.judge import Judgement, RulesJudge
+from streamllm.config import COMPLEXITIES, TIERS, Complexity, RoutingSettings
+from streamllm.errors import CloudNotAllowed, ContextTooLong, ModelNotFound, TierUnavailable
+from streamllm.routing.judge import Judgement
 
 MAX_ALIAS_DEPTH = 8
+IN_HOUSE = ("local", "hpc")  # tiers whose data stays inside the institution
 
 
 @dataclass(frozen=True)
@@ -23,11 +28,32 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class RequestFacts:
+    """What the gateway learnt about a request before routing it."""
+
+    allow_cloud: bool = True  # the caller's (key's and request's) wish, before configuration
+    sensitive: str | None = None  # the kind of sensitive data found in it, if any
+    prompt_tokens: int = 0  # estimated tokens the request needs in a window (prompt + answer)
+    high_threshold: float | None = None  # P(HIGH) needed after the budget; None: configured
+
+
+@dataclass(frozen=True)
 class Route:
     candidates: list[Candidate]
     complexity: str | None  # None when the caller named the model (no judging happened)
-    reason: str
+    reasons: list[str] = field(default_factory=list)
     judgement: Judgement | None = None
+
+    @property
+    def reason(self) -> str:
+        return ",".join(self.reasons)
+
+
+def level_for(judgement: Judgement, threshold: float) -> Complexity:
+    """HIGH when P(HIGH) reaches the threshold, otherwise the likelier of LOW and MEDIUM."""
+    if judgement.p("HIGH") >= threshold:
+        return "HIGH"
+    return "LOW" if judgement.p("LOW") >= judgement.p("MEDIUM") else "MEDIUM"
 
 
 class RoutingPolicy:
@@ -36,12 +62,12 @@ class RoutingPolicy:
         settings: RoutingSettings,
         catalogue: Mapping[str, Sequence[str]],
         aliases: Mapping[str, str] | None = None,
-        judge: RulesJudge | None = None,
+        windows: Mapping[str, int | None] | None = None,
     ):
         self.settings = settings
         self.catalogue = catalogue  # tier -> models it serves, first is the default; live view
         self.aliases = dict(aliases or {})
-        self.judge = judge or RulesJudge()
+        self.windows = windows if windows is not None else {}  # tier -> context window, if known
 
     def _default(self, tier: str) -> Candidate | None:
         models = self.catalogue.get(tier)
@@ -53,29 +79,35 @@ class RoutingPolicy:
             name, seen = self.aliases[name], seen + 1
         return name
 
+    def needs_judgement(self, model: str) -> bool:
+        return self.resolve_alias(model) == "auto"
+
     def route(
         self,
         model: str,
-        latest_user_text: str,
+        facts: RequestFacts = RequestFacts(),
+        judgement: Judgement | None = None,
         *,
-        allow_cloud: bool = True,
         healthy: Callable[[str], bool] = lambda tier: True,
     ) -> Route:
-        allow_cloud = allow_cloud and self.settings.allow_cloud
+        allow_cloud = facts.allow_cloud and self.settings.allow_cloud
         name = self.resolve_alias(model)
         if name == "auto":
-            judgement = self.judge.judge(latest_user_text)
-            chain = self.settings.chain(judgement.label)
-            candidates = [c for t in chain if (c := self._default(t))]
-            return self._finish(
-                candidates, judgement.label, f"judge: {judgement.reason}", allow_cloud, healthy,
-                judgement, reorder=True,
-            )
+            if judgement is None:
+                raise ValueError("auto routing needs the judge's judgement")
+            return self._auto(judgement, facts, allow_cloud, healthy)
         explicit = self._explicit(name, model)
+        if explicit.tier not in IN_HOUSE and facts.sensitive:
+            raise CloudNotAllowed(
+                f"model '{model}' is on the {explicit.tier} tier, and this request appears to "
+                f"contain sensitive data ({facts.sensitive}), which stays on in-house tiers; "
+                "use auto, local or hpc",
+                param="model",
+            )
         if explicit.tier == "cloud" and not allow_cloud:
             raise CloudNotAllowed(
                 f"model '{model}' is on the cloud tier, and cloud use is not allowed here "
-                "(allow_cloud is false in the configuration or in this request)",
+                "(allow_cloud is false in the configuration, for this key or in this request)",
                 param="model",
             )
         candidates = [explicit]
@@ -88,8 +120,59 @@ class RoutingPolicy:
                 c for t in self.settings.chain(level) if t != explicit.tier
                 if (c := self._default(t))
             ]
-            candidates += sorted(rest, key=lambda c: not healthy(c.tier))
-        return self._finish(candidates, None, f"explicit model '{model}'", allow_cloud, healthy)
+            candidates += sorted(self._allowed(rest, allow_cloud, facts), key=lambda c:
+                                 not healthy(c.tier))
+        return Route(candidates, None, ["explicit"])
+
+    def _allowed(self, candidates: list[Candidate], allow_cloud: bool,
+                 facts: RequestFacts) -> list[Candidate]:
+        return [c for c in candidates
+                if (allow_cloud or c.tier != "cloud")
+                and (not facts.sensitive or c.tier in IN_HOUSE)]
+
+    def _auto(self, judgement: Judgement, facts: RequestFacts, allow_cloud: bool,
+              healthy: Callable[[str], bool]) -> Route:
+        base = self.settings.high_threshold
+        threshold = base if facts.high_threshold is None else facts.high_threshold
+        level = level_for(judgement, threshold)
+        # The budget, not the judge, kept it off the HIGH tier.
+        budgeted = level != "HIGH" and level_for(judgement, base) == "HIGH"
+        reasons = ["budget" if budgeted else f"judge:{level}"]
+        candidates = [c for t in self.settings.chain(level) if (c := self._default(t))]
+        if not candidates:
+            raise TierUnavailable("no tier is configured that this request may use")
+        first = candidates[0]
+
+        kept = self._allowed(candidates, allow_cloud, facts)
+        if facts.sensitive and len(kept) < len(candidates):
+            reasons.append(f"privacy:{facts.sensitive}")
+        elif first not in kept:
+            reasons.append("no-cloud")
+        if not kept:
+            raise TierUnavailable("no tier is configured that this request may use")
+
+        fits = [c for c in kept if self._fits(c.tier, facts.prompt_tokens)]
+        if not fits:
+            raise ContextTooLong(
+                f"This request needs about {facts.prompt_tokens} tokens, more than the context "
+                "window of any tier it may use "
+                f"({', '.join(f'{c.tier}: {self.windows.get(c.tier)}' for c in kept)}). "
+                "Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        for c in kept:
+            if c not in fits:
+                reasons.append(f"context:{c.tier}-too-small")
+        # Tiers that just failed go last, not away: a stale health view must not leave a
+        # request with nowhere to go.
+        ordered = sorted(fits, key=lambda c: not healthy(c.tier))
+        if ordered[0] != fits[0]:
+            reasons.append(f"fallback:{fits[0].tier}-down")
+        return Route(ordered, judgement.label, reasons, judgement)
+
+    def _fits(self, tier: str, tokens: int) -> bool:
+        window = self.windows.get(tier)
+        return window is None or tokens <= window
 
     def _explicit(self, name: str, asked: str) -> Candidate:
         if name in TIERS:
@@ -115,23 +198,3 @@ class RoutingPolicy:
             "listed by GET /v1/models.",
             param="model",
         )
-
-    def _finish(
-        self,
-        candidates: list[Candidate],
-        complexity: str | None,
-        reason: str,
-        allow_cloud: bool,
-        healthy: Callable[[str], bool],
-        judgement: Judgement | None = None,
-        reorder: bool = False,
-    ) -> Route:
-        if not allow_cloud:
-            candidates = [c for c in candidates if c.tier != "cloud"]
-        if reorder:
-            # Tiers that just failed go last, not away: a stale health view must not leave a
-            # request with nowhere to go.
-            candidates = sorted(candidates, key=lambda c: not healthy(c.tier))
-        if not candidates:
-            raise TierUnavailable("no tier is configured that this request may use")
-        return Route(candidates, complexity, reason, judgement)

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -117,7 +117,10 @@ def plan_answer(req: ChatCompletionRequest, body: dict[str, Any], spec: SimModel
             }
             choices.append(ChoicePlan(index, [], "tool_calls", tool_call))
             continue
-        tokens = content.answer_tokens(req.model, messages, want, index, req.seed)
+        if spec.reply is not None:
+            tokens = content.split_reply(spec.reply)[:want]
+        else:
+            tokens = content.answer_tokens(req.model, messages, want, index, req.seed)
         tokens, stopped = content.apply_stop(tokens, req.stop)
         if stopped:
             finish = "stop"

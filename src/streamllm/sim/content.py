@@ -91,6 +91,11 @@ def answer_text(
     return "".join(answer_tokens(model, messages, count, index, seed))
 
 
+def split_reply(text: str) -> list[str]:
+    """A fixed reply as stream tokens: each word with the space before it."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
 def apply_stop(tokens: list[str], stop: str | list[str] | None) -> tuple[list[str], bool]:
     """Cut the answer before the first stop sequence (which may span tokens); True if found."""
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]

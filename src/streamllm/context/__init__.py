@@ -1,0 +1,1 @@
+"""Context management: token estimates and fitting conversations to each tier's window."""
