@@ -296,3 +296,16 @@ def test_classifier_latency_is_far_below_a_millisecond():
     feats = extract("Write a Python function that reverses a linked list in place.")
     assert len(feats) < 80
     assert asyncio.run(judge.judge("hi")).latency_ms >= 0
+
+
+def test_judge_eval_with_the_llm_judge_asks_the_named_server(start_sim, tmp_path):
+    sim = start_sim({"judge": {"reply": "HIGH"}})
+    out = subprocess.run([STREAMLLM, "judge", "eval", "--dataset", str(SMALL), "--judge", "llm",
+                          "--base-url", sim.url, "--model", "judge"],
+                         capture_output=True, text=True, timeout=60,
+                         env=clean_env(XDG_DATA_HOME=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    n = len(load_examples(SMALL))
+    assert [row[2] for row in result["confusion_matrix"]] == [4, 4, 4], "all judged HIGH"
+    assert result["llm_fallbacks"] == 0 and len(sim.sim.log) == n
