@@ -74,12 +74,15 @@ def start_sim() -> Iterator[Callable[..., RunningSim]]:
 
 
 @pytest.fixture
-def start_gateway() -> Iterator[Callable[..., RunningGateway]]:
+def start_gateway(tmp_path_factory) -> Iterator[Callable[..., RunningGateway]]:
     running: list[ServerThread] = []
 
     def start(config: dict[str, Any]) -> RunningGateway:
         config = {**config}
-        config.setdefault("server", {}).setdefault("detect_ollama", False)
+        server = config["server"] = {**config.get("server", {})}
+        server.setdefault("detect_ollama", False)
+        # The store and Parsl's run directory go to a fresh directory, never the home.
+        server.setdefault("data_dir", str(tmp_path_factory.mktemp("gateway")))
         # Tests never reach a real cloud: unconfigured tiers are simulated.
         settings = Settings.model_validate(config)
         app = create_app(settings)
@@ -122,6 +125,7 @@ def three_tiers(start_sim, start_gateway) -> Callable[..., ThreeTiers]:
         tiers: dict[str, dict[str, Any]] | None = None,
         server: dict[str, Any] | None = None,
         aliases: dict[str, str] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> ThreeTiers:
         sims = sims or {}
         running = {t: start_sim({f"{t}-m": sims.get(t, {})}) for t in ("local", "hpc", "cloud")}
@@ -133,6 +137,7 @@ def three_tiers(start_sim, start_gateway) -> Callable[..., ThreeTiers]:
             "routing": routing or {},
             "server": server or {},
             "aliases": aliases or {},
+            "context": context or {},
         }
         gw = start_gateway(config)
         return ThreeTiers(running["local"], running["hpc"], running["cloud"], gw)

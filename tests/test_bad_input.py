@@ -13,7 +13,7 @@ OK_MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def gateway():
+def gateway(tmp_path_factory):
     """One gateway over one simulator for the whole module (the fuzz sends many requests)."""
     from streamllm.config import Settings, SimModelSettings, SimSettings
     from streamllm.gateway import create_app
@@ -23,7 +23,8 @@ def gateway():
     sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=4)}))
     with ServerThread(sim.app) as sim_server:
         settings = Settings.model_validate({
-            "server": {"detect_ollama": False, "max_body_bytes": 64 * 1024},
+            "server": {"detect_ollama": False, "max_body_bytes": 64 * 1024,
+                       "data_dir": str(tmp_path_factory.mktemp("gw"))},
             "tiers": {
                 "local": {"kind": "vllm", "base_url": f"{sim_server.url}/v1", "models": ["m"]},
                 "hpc": {"enabled": False},

@@ -162,24 +162,34 @@ def test_no_fallback_reaches_a_forbidden_cloud(three_tiers, stream):
     assert len(t.local.sim.log) >= 1 and len(t.hpc.sim.log) >= 1
 
 
-def test_a_tier_whose_window_is_too_small_is_skipped(three_tiers):
+@pytest.mark.parametrize("summarize", [False, True])
+def test_a_tier_whose_window_is_too_small_is_skipped_unless_summaries_fit_it(three_tiers,
+                                                                             summarize):
     t = three_tiers(sims={"local": {"context_window": 600}},
                     tiers={"local": {"context_window": 600}, "hpc": {"context_window": 4000},
-                           "cloud": {"context_window": 4000}})
+                           "cloud": {"context_window": 4000}},
+                    context={"summarize": summarize})
     history = [{"role": "user" if i % 2 == 0 else "assistant",
                 "content": f"turn {i}: " + "we measured the sample again and logged it. " * 20}
                for i in range(9)]
     raw = sdk(t).chat.completions.with_raw_response.create(
         model="auto", messages=[*history, {"role": "user", "content": "thanks! all good?"}])
     assert raw.headers["x-stream-complexity"] == "LOW"
-    assert raw.headers["x-stream-tier"] == "hpc"
-    assert "context:local-too-small" in raw.headers["x-stream-route-reason"]
-    assert not t.local.sim.log
+    if summarize:
+        assert (raw.headers["x-stream-tier"], raw.headers["x-stream-context"]) == (
+            "local", "summarized")
+        assert all(e.status in (None, 200) for e in t.local.sim.log), "it fitted the window"
+    else:
+        assert raw.headers["x-stream-tier"] == "hpc"
+        assert "context:local-too-small" in raw.headers["x-stream-route-reason"]
+        assert not t.local.sim.log
+    served = len(t.local.sim.log) + len(t.hpc.sim.log)
     huge = [{"role": "user", "content": "data " * 20000}]
     with pytest.raises(openai.BadRequestError) as err:
         sdk(t).chat.completions.create(model="auto", messages=huge)
     assert err.value.body["code"] == "context_length_exceeded"
-    assert len(t.hpc.sim.log) == 1 and not t.cloud.sim.log, "refused before any backend"
+    assert len(t.local.sim.log) + len(t.hpc.sim.log) == served and not t.cloud.sim.log, (
+        "refused before any backend")
 
 
 def test_the_llm_judge_asks_the_local_model(three_tiers):

@@ -122,3 +122,27 @@ def test_ttft_and_rate_are_respected(start_sim):
     # 150 ms to the first token, then 10 more at 100/s: at least 250 ms in all.
     assert entry.finished_at - entry.received_at >= 0.25
     assert sse_events(resp)[-1] == "[DONE]"
+
+
+def test_prefill_makes_a_longer_prompt_wait_longer(start_sim):
+    # The simulator schedules the first token at ttft + prompt / prefill rate: it can only be
+    # late, never early, so a lower bound is safe to check.
+    import time
+
+    sim = start_sim({"sim-model": {"prefill_tokens_per_s": 1000, "answer_tokens": 1}})
+    long = [{"role": "user", "content": "word " * 400}]
+    started = time.monotonic()
+    resp = chat(sim, messages=long)
+    assert resp.status_code == 200
+    prompt = resp.json()["usage"]["prompt_tokens"]
+    assert time.monotonic() - started >= prompt / 1000
+
+
+def test_a_fixed_reply_is_answered_verbatim(start_sim):
+    sim = start_sim({"sim-model": {"reply": "MEDIUM"}})
+    assert chat(sim).json()["choices"][0]["message"]["content"] == "MEDIUM"
+    sim.model("sim-model").reply = ""
+    resp = chat(sim, stream=True)
+    texts = [json.loads(e)["choices"][0]["delta"].get("content") for e in sse_events(resp)
+             if e != "[DONE]" and json.loads(e).get("choices")]
+    assert not any(texts)

@@ -290,3 +290,12 @@ def test_idempotency_keys_are_scoped_to_the_caller():
     assert key("Bearer sk-a") != key("Bearer sk-b") != key(None)
     with pytest.raises(InvalidRequest):
         idempotency_key(Request({"type": "http", "headers": [(b"idempotency-key", b"a\x01")]}))
+
+
+def test_preflight_rejects_a_database_url_the_store_cannot_use():
+    from streamllm.gateway.runtime import preflight
+
+    for url in ("mysql://root@localhost/x", "sqlite:///plain-driver.db"):
+        settings = Settings.model_validate({"server": {"database_url": url}})
+        with pytest.raises(ConfigError, match="server.database_url"):
+            preflight(settings)

@@ -43,6 +43,8 @@ class SimModelSettings(_Strict):
     context_window: Annotated[int, Field(ge=16)] = 8192
     ttft_ms: Annotated[float, Field(ge=0)] = 0.0
     tokens_per_s: Annotated[float, Field(ge=0)] = 0.0  # 0 = as fast as possible
+    # Reading the prompt before the first token, as real servers do (0 = instantaneous).
+    prefill_tokens_per_s: Annotated[float, Field(ge=0)] = 0.0
     answer_tokens: Annotated[int, Field(ge=1)] = 32
     error_rate: Probability = 0.0  # share of requests answered 500
     rate_limit_rate: Probability = 0.0  # share of requests answered 429
@@ -133,6 +135,9 @@ class TierSettings(_Strict):
     drop_params: list[str] = Field(default_factory=list)  # request fields this backend rejects
     # Tokens the tier's models hold (prompt + answer); none: unknown, never skipped for size.
     context_window: Annotated[int, Field(ge=16)] | None = None
+    # A local HuggingFace `tokenizer.json` for exact counts (needs the `tokenizers` package);
+    # none: estimates calibrated from the token counts the backend reports.
+    tokenizer: str | None = None
     # USD per million tokens, by model name ("*" for any other model of the tier).
     prices: dict[str, Price] = Field(default_factory=dict)
     max_connections: Annotated[int, Field(ge=1)] = 256
@@ -286,6 +291,29 @@ class ApiKeySettings(_Strict):
         return self.name or "key-" + hashlib.sha256(self.key.encode()).hexdigest()[:8]
 
 
+class SummarizerSettings(_Strict):
+    """The model that writes rolling summaries; the extractive summarizer stands in for it."""
+
+    tier: TierName = "local"
+    model: str | None = None  # default: the tier's default model
+    timeout_s: Seconds = 60.0  # after this the extractive summary is used
+
+
+class ContextSettings(_Strict):
+    """Fitting conversations to each tier's context window (docs/context.md)."""
+
+    summarize: bool = True  # false: a conversation too long for a tier skips that tier
+    reserve_output_tokens: Annotated[int, Field(ge=16)] = 512  # when a request gives no limit
+    # After older turns are summarised, the recent turns kept word for word take at most this
+    # share of the window, so that the next several turns fit without summarising again.
+    verbatim_share: Annotated[float, Field(gt=0.1, lt=0.9)] = 0.5
+    summary_share: Annotated[float, Field(gt=0.0, le=0.5)] = 0.25  # most a summary may take
+    summary_max_tokens: Annotated[int, Field(ge=64)] = 1024
+    prepare_ahead: bool = True  # write the next turn's summary after a response
+    prepare_at: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7  # ... once this full
+    summarizer: SummarizerSettings = Field(default_factory=SummarizerSettings)
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -300,6 +328,8 @@ class ServerSettings(_Strict):
     # Accepted Bearer keys (none: open, loopback only): a key, or a key with its limits.
     api_keys: list[str | ApiKeySettings] = Field(default_factory=list)
     api_keys_file: str | None = None  # one key per line; '#' starts a comment
+    # Where STREAM keeps what must survive a restart; none: SQLite in data_dir.
+    database_url: str | None = None
 
     def load_api_keys(self) -> list[ApiKeySettings]:
         keys = [k if isinstance(k, ApiKeySettings) else ApiKeySettings(key=k)
@@ -328,6 +358,7 @@ class Settings(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tiers: dict[TierName, TierSettings] = Field(default_factory=dict)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    context: ContextSettings = Field(default_factory=ContextSettings)
     aliases: dict[str, str] = Field(default_factory=dict)  # name -> tier or tier/model
 
     @model_validator(mode="after")

@@ -48,6 +48,12 @@ class ModelNotFound(StreamError):
     code = "model_not_found"
 
 
+class NotFound(StreamError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class PayloadTooLarge(StreamError):
     status = 413
     type = "invalid_request_error"

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from streamllm import __version__
 from streamllm.config import TIERS, Settings
-from streamllm.errors import ConfigError, ModelNotFound
+from streamllm.errors import ConfigError, ModelNotFound, NotFound
 from streamllm.gateway import errors
 from streamllm.gateway.auth import ApiKeyAuth
 from streamllm.gateway.chat import ChatHandler
@@ -111,6 +111,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if card.id == model_id:
                 return JSONResponse(card.model_dump())
         raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+
+    @app.get("/v1/stream/summaries/{summary_id}")
+    async def get_summary(summary_id: str, request: Request) -> JSONResponse:
+        # The summary a response named in x-stream-summary-id, for its own caller only.
+        key = getattr(request.state, "api_key", None)
+        record = await runtime.context.summary(summary_id, key.holder if key else None)
+        if record is None:
+            raise NotFound(f"No summary `{summary_id}` exists for this caller.",
+                           param="summary_id")
+        return JSONResponse({
+            "id": summary_id, "object": "stream.summary", "tier": record.tier,
+            "messages_summarized": record.turns, "method": record.method,
+            "tokens": record.tokens, "created": int(record.created_at),
+            "extends": f"{record.tier}.{record.parent_hash}" if record.parent_hash else None,
+            "text": record.text,
+        })
 
     @app.get("/", include_in_schema=False)
     async def front_page() -> HTMLResponse:

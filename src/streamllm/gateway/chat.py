@@ -35,6 +35,7 @@ from streamllm.gateway.errors import envelope
 from streamllm.gateway.runtime import Runtime
 from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
+from streamllm.context.manager import Outcome
 from streamllm.routing.policy import Candidate, RequestFacts, Route
 from streamllm.tiers.adapt import backend_body
 from streamllm.tiers.base import Chunk, Dispatch
@@ -155,14 +156,15 @@ class ChatHandler:
         handed_over = False
         try:
             if req.wants_stream:
-                cand, stream, held, failures, dispatch = await self._open(body, route, idem)
-                self._label(headers, cand, failures, route)
+                cand, stream, held, failures, dispatch, fit = await self._open(
+                    body, req, route, idem, key)
+                self._label(headers, cand, failures, route, fit)
                 headers.update(dispatch.headers)
                 handed_over = True  # from here the response owns the watch
                 return RelayResponse(
-                    self._relay(req, cand, stream, held, request_id, key), watch, SSE_HEADERS
-                )
-            return await self._complete(body, route, headers, request_id, idem, key)
+                    self._relay(req, body, cand, stream, held, request_id, key, fit), watch,
+                    SSE_HEADERS)
+            return await self._complete(body, req, route, headers, request_id, idem, key)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -177,11 +179,17 @@ class ChatHandler:
         runtime = self.runtime
         assert runtime.policy is not None and runtime.judge is not None
         found = runtime.detector.first(req.all_texts()) if runtime.detector else None
+        output = req.output_limit or 0
+        whole = estimate_messages(req.all_texts(), req.attachment_count())
+        latest = [m for m in req.messages if m.role in ("system", "developer")]
+        latest += [m for m in req.messages if m.role == "user"][-1:]
+        least = estimate_messages([m.text() for m in latest])
         facts = RequestFacts(
             allow_cloud=_client_allows_cloud(req, request, key),
             sensitive=found.kind if found else None,
-            prompt_tokens=estimate_messages(req.all_texts(), req.attachment_count())
-            + (req.output_limit or 0),
+            prompt_tokens=whole + output,
+            min_tokens=least + output if self.settings.context.summarize else None,
+            full_context=_wants_full_context(req, request),
             high_threshold=runtime.high_threshold(key),
         )
         judgement = None
@@ -208,11 +216,53 @@ class ChatHandler:
             self.runtime.mark_failed(cand.tier, err.message)
         log.warning("tier %s (%s) failed before output: %s", cand.tier, cand.model, err.message)
 
+    async def _fit(self, body: dict, req: ChatCompletionRequest, cand: Candidate,
+                   key: ApiKeySettings | None) -> tuple[dict, Outcome]:
+        """The body with its messages fitted to the candidate's window, or ContextTooLong."""
+        runtime = self.runtime
+        window = runtime.windows.get(cand.tier)
+        outcome = await runtime.context.fit(
+            body["messages"], cand.tier, cand.model, window, req.output_limit,
+            key.holder if key else None)
+        if outcome is None:
+            raise ContextTooLong(
+                f"The conversation does not fit the {cand.tier} tier's context window of "
+                f"{window} tokens, even with older turns summarised: the system messages and "
+                "the latest user message alone are too long.", param="messages")
+        if outcome.fitted.action != "full":
+            body = {**body, "messages": outcome.fitted.messages}
+        return body, outcome
+
+    def _after(self, req: ChatCompletionRequest, body: dict, cand: Candidate, fit: Outcome,
+               usage: dict | None, answer: str, key: ApiKeySettings | None) -> None:
+        """Learn from a finished answer: calibrate the model's token counts on what was sent,
+        and prepare the summaries the conversation's next turn will need."""
+        context = self.runtime.context
+        context.observe(cand.model, fit.fitted.messages, (usage or {}).get("prompt_tokens"))
+        conversation = [*body["messages"], {"role": "assistant", "content": answer}]
+        owner = key.holder if key else None
+        for tier in dict.fromkeys((cand.tier, "local")):
+            model = (cand.model if tier == cand.tier
+                     else (self.runtime.catalogue.get(tier) or [None])[0])
+            if model is not None:
+                context.prepare_ahead(conversation, tier, model, self.runtime.windows.get(tier),
+                                      req.output_limit, owner)
+
     @staticmethod
     def _label(headers: dict[str, str], cand: Candidate, failures: list[StreamError],
-               route: Route) -> None:
+               route: Route, fit: Outcome) -> None:
         headers["x-stream-tier"] = cand.tier
         headers["x-stream-model"] = cand.model
+        f = fit.fitted
+        headers["x-stream-context"] = f.action
+        headers["x-stream-context-tokens-before"] = str(f.tokens_before)
+        headers["x-stream-context-tokens-after"] = str(f.tokens_after)
+        if fit.summary_id:
+            headers["x-stream-summary-id"] = fit.summary_id
+            # "new": this request waited for the summary to be written; "stored": it was ready.
+            headers["x-stream-summary"] = "new" if fit.summarized_now else "stored"
+            if fit.summarized_now:
+                headers["x-stream-summary-ms"] = f"{fit.summary_ms:.1f}"
         if failures:
             headers["x-stream-fallbacks"] = str(len(failures))
             # The tiers tried before this one failed for this very request.
@@ -221,39 +271,48 @@ class ChatHandler:
             headers["x-stream-route-reason"] = ",".join([*route.reasons, *extra])
 
     # -- non-streaming -------------------------------------------------------------------------
-    async def _complete(self, body, route: Route, headers, request_id, idem,
-                        key: ApiKeySettings | None) -> Response:
+    async def _complete(self, body, req: ChatCompletionRequest, route: Route, headers,
+                        request_id, idem, key: ApiKeySettings | None) -> Response:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem)
             try:
+                fitted, fit = await self._fit(body, req, cand, key)
                 result = await self.runtime.backends[cand.tier].complete(
-                    backend_body(body, cand.model, tier, stream=False), dispatch
+                    backend_body(fitted, cand.model, tier, stream=False), dispatch
                 )
             except (BackendFailed, ContextTooLong) as e:
                 failures.append(e)
                 self._note_failure(cand, e)
                 continue
             self.runtime.mark_ok(cand.tier)
-            self._label(headers, cand, failures, route)
+            self._label(headers, cand, failures, route, fit)
             headers.update(dispatch.headers)
             self.runtime.record_cost(cand.tier, cand.model, result.get("usage"), key)
+            self._after(req, body, cand, fit, result.get("usage"), _answer_of(result), key)
             result["id"] = f"chatcmpl-{request_id}"
             return JSONResponse(result)
         raise self._give_up(route, failures)
 
     # -- streaming -----------------------------------------------------------------------------
     async def _open(
-        self, body, route: Route, idem: str | None
-    ) -> tuple[Candidate, AsyncIterator, list, list, Dispatch]:
+        self, body, req: ChatCompletionRequest, route: Route, idem: str | None,
+        key: ApiKeySettings | None,
+    ) -> tuple[Candidate, AsyncIterator, list, list, Dispatch, Outcome]:
         """Start candidates in order until one produces output; return it with held chunks."""
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem)
+            try:
+                fitted, fit = await self._fit(body, req, cand, key)
+            except ContextTooLong as e:
+                failures.append(e)
+                self._note_failure(cand, e)
+                continue
             stream = self.runtime.backends[cand.tier].stream(
-                backend_body(body, cand.model, tier, stream=True), dispatch
+                backend_body(fitted, cand.model, tier, stream=True), dispatch
             )
             held: list[Chunk] = []
             try:
@@ -270,26 +329,30 @@ class ChatHandler:
                 await stream.aclose()
                 raise
             self.runtime.mark_ok(cand.tier)
-            return cand, stream, held, failures, dispatch
+            return cand, stream, held, failures, dispatch, fit
         raise self._give_up(route, failures)
 
     async def _relay(
-        self, req: ChatCompletionRequest, cand: Candidate, stream, held, request_id: str,
-        key: ApiKeySettings | None,
+        self, req: ChatCompletionRequest, body: dict, cand: Candidate, stream, held,
+        request_id: str, key: ApiKeySettings | None, fit: Outcome,
     ) -> AsyncIterator[bytes]:
         chunk_id = f"chatcmpl-{request_id}"
         include_usage = req.wants_usage_chunk
         outcome = "completed"
         usage: dict | None = None
+        answer: list[str] = []  # the first choice's text, for the next turn's summary
         try:
             usage = _usage_in(held) or usage
+            _collect(held, answer)
             yield _for_client(held, chunk_id, include_usage)
             async for batch in stream:
                 usage = _usage_in(batch) or usage
+                _collect(batch, answer)
                 out = _for_client(batch, chunk_id, include_usage)
                 if out:
                     yield out
             yield DONE
+            self._after(req, body, cand, fit, usage, "".join(answer), key)
         except StreamError as e:  # after output, every failure ends the stream as an event
             outcome = "failed"
             if isinstance(e, BackendFailed):
@@ -307,6 +370,28 @@ class ChatHandler:
                 "request %s tier=%s model=%s stream outcome=%s",
                 request_id, cand.tier, cand.model, outcome,
             )
+
+
+def _collect(batch: list[Chunk], answer: list[str]) -> None:
+    for chunk in batch:
+        for choice in chunk.data.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                text = (choice.get("delta") or {}).get("content")
+                if isinstance(text, str):
+                    answer.append(text)
+
+
+def _answer_of(result: dict) -> str:
+    try:
+        text = result["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    return text if isinstance(text, str) else ""
+
+
+def _wants_full_context(req: ChatCompletionRequest, request: Request) -> bool:
+    header = request.headers.get("x-stream-full-context", "")
+    return req.full_context is True or header.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _usage_in(batch: list[Chunk]) -> dict | None:

@@ -26,6 +26,8 @@ from streamllm.config import (
     SimSettings,
     TierSettings,
 )
+from streamllm.context.manager import ContextManager
+from streamllm.context.tokens import load_tokenizer
 from streamllm.errors import ConfigError
 from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_control_plane
 from streamllm.hpc.worker import ping
@@ -36,6 +38,8 @@ from streamllm.routing.judge import Judge, build_judge
 from streamllm.routing.privacy import SensitiveDataDetector
 from streamllm.serving import ServerTask
 from streamllm.sim.app import Simulator
+from streamllm.store import Store, StoreConfigError, default_url
+from streamllm.store.db import checked_url
 from streamllm.tiers import Backend, OpenAIHTTPBackend
 from streamllm.tiers.adapt import backend_body
 from streamllm.tiers.hpc import HPCRelayBackend
@@ -87,6 +91,8 @@ class Runtime:
     detector: SensitiveDataDetector | None = None
     windows: dict[str, int | None] = field(default_factory=dict)  # tier -> context window
     spend: SpendLedger = field(default_factory=SpendLedger)
+    store: Store | None = None
+    context: ContextManager = field(init=False)
 
     # -- health seen by the router -------------------------------------------------------------
     def healthy(self, tier: str) -> bool:
@@ -177,6 +183,11 @@ class Runtime:
         privacy = self.settings.routing.privacy
         if privacy.detect:
             self.detector = SensitiveDataDetector(privacy.patterns, privacy.kinds)
+        server = self.settings.server
+        self.store = await Store.open(server.database_url or default_url(server.data_dir))
+        log.info("store: %s", self.store.url)
+        self.context = self._context_manager()
+        await self.context.start()
         await self.probe_all()
         self._monitor = asyncio.create_task(self._watch(), name="tier-health")
 
@@ -197,6 +208,26 @@ class Runtime:
         log.info("complexity judge: %s, asking %s/%s", js.kind, tier, model)
         return build_judge(js, complete, model)
 
+    def _context_manager(self) -> ContextManager:
+        cs = self.settings.context
+        tier = cs.summarizer.tier
+        ts, backend = self.tiers.get(tier), self.backends.get(tier)
+        model = cs.summarizer.model or (self.catalogue[tier][0] if self.catalogue.get(tier)
+                                        else None)
+        complete = None
+        if ts is not None and backend is not None and model is not None:
+            async def complete(body: dict) -> dict:
+                return await backend.complete(backend_body(body, model, ts, stream=False))
+        else:
+            log.info("context: no %s model to summarize with; summaries are extractive", tier)
+        tokenizers = {}
+        for name, t in self.tiers.items():
+            if t.tokenizer:
+                loaded = load_tokenizer(t.tokenizer, f"tiers.{name}.tokenizer")
+                tokenizers.update({m: loaded for m in self.catalogue.get(name, ())})
+        return ContextManager(cs, self.store, complete, model, tokenizers,
+                              self.windows.get(tier))
+
     async def stop(self) -> None:
         if self._monitor:
             self._monitor.cancel()
@@ -206,6 +237,11 @@ class Runtime:
                 pass
         for task in self._warmups:
             task.cancel()
+        context = getattr(self, "context", None)  # absent when startup failed before it
+        if context is not None:
+            await context.aclose()
+        if self.store is not None:
+            await self.store.close()
         for backend in self.backends.values():
             await backend.aclose()
         for plane in self.planes:
@@ -321,6 +357,11 @@ def preflight(settings: Settings) -> None:
     """Configuration problems that can be found before starting anything, raised as
     ConfigError so that `serve` can say what is wrong instead of failing in startup (or, worse,
     starting something that can never work)."""
+    if settings.server.database_url:
+        try:
+            checked_url(settings.server.database_url)
+        except StoreConfigError as e:
+            raise ConfigError(f"server.database_url: {e}") from None
     for name, ts in settings.tiers.items():
         if not (ts.enabled and ts.kind == "hpc" and ts.hpc):
             continue

@@ -158,8 +158,10 @@ class ChatCompletionRequest(_Open):
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
-    # STREAM's own option: a request may forbid the cloud tier (it can never re-allow it).
+    # STREAM's own options: a request may forbid the cloud tier (it can never re-allow it),
+    # and may ask for its whole conversation, unsummarised.
     allow_cloud: bool | None = None
+    full_context: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -33,7 +33,11 @@ class RequestFacts:
 
     allow_cloud: bool = True  # the caller's (key's and request's) wish, before configuration
     sensitive: str | None = None  # the kind of sensitive data found in it, if any
-    prompt_tokens: int = 0  # estimated tokens the request needs in a window (prompt + answer)
+    prompt_tokens: int = 0  # estimated tokens the whole request needs (prompt + answer)
+    # What it needs at least once older turns are summarised (system messages, the latest user
+    # turn, the answer); None: it cannot be summarised, so the whole must fit.
+    min_tokens: int | None = None
+    full_context: bool = False  # the caller wants the whole conversation, unsummarised
     high_threshold: float | None = None  # P(HIGH) needed after the budget; None: configured
 
 
@@ -151,11 +155,18 @@ class RoutingPolicy:
         if not kept:
             raise TierUnavailable("no tier is configured that this request may use")
 
-        fits = [c for c in kept if self._fits(c.tier, facts.prompt_tokens)]
+        # A HIGH query, or a caller who asks for it, gets a tier that holds the whole
+        # conversation; others may have their older turns summarised to fit a smaller one.
+        whole = level == "HIGH" or facts.full_context or facts.min_tokens is None
+        need = facts.prompt_tokens if whole else facts.min_tokens or 0
+        fits = [c for c in kept if self._fits(c.tier, need)]
+        if not fits and whole and not facts.full_context and facts.min_tokens is not None:
+            need = facts.min_tokens  # nothing holds it all: summarise rather than fail
+            fits = [c for c in kept if self._fits(c.tier, need)]
         if not fits:
             raise ContextTooLong(
-                f"This request needs about {facts.prompt_tokens} tokens, more than the context "
-                "window of any tier it may use "
+                f"This request needs about {need} tokens, more than the context window of any "
+                "tier it may use "
                 f"({', '.join(f'{c.tier}: {self.windows.get(c.tier)}' for c in kept)}). "
                 "Please reduce the length of the messages or completion.",
                 param="messages",

@@ -267,9 +267,13 @@ class Simulator:
             )
         return await self._complete(request, entry, req, plan, spec)
 
-    async def _pace(self, start: float, spec: SimModelSettings, emitted: int) -> None:
-        """Sleep until token number `emitted` is due under the model's TTFT and rate."""
+    async def _pace(self, start: float, spec: SimModelSettings, emitted: int,
+                    prompt_tokens: int = 0) -> None:
+        """Sleep until token number `emitted` is due under the model's TTFT, prefill and
+        generation rates."""
         due = start + spec.ttft_ms / 1000.0
+        if spec.prefill_tokens_per_s > 0:
+            due += prompt_tokens / spec.prefill_tokens_per_s
         if spec.tokens_per_s > 0:
             due += emitted / spec.tokens_per_s
         delay = due - time.monotonic()
@@ -280,7 +284,8 @@ class Simulator:
         start = time.monotonic()
         total = max((len(c.tokens) for c in plan.choices), default=0)
         # Generating, like a real server, stops when the client goes away.
-        generating = asyncio.ensure_future(self._pace(start, spec, max(total - 1, 0)))
+        generating = asyncio.ensure_future(
+            self._pace(start, spec, max(total - 1, 0), plan.prompt_tokens))
         leaving = asyncio.ensure_future(_client_gone(request))
         await asyncio.wait((generating, leaving), return_when=asyncio.FIRST_COMPLETED)
         leaving.cancel()
@@ -373,7 +378,7 @@ class Simulator:
                     raise SimulatedDisconnect(f"after {entry.tokens_sent} tokens")
                 if spec.stall_after is not None and entry.tokens_sent == spec.stall_after:
                     await asyncio.sleep(spec.stall_s)
-                await self._pace(start, spec, step)
+                await self._pace(start, spec, step, plan.prompt_tokens)
                 parts = []
                 for c in plan.choices:
                     if step < len(c.tokens):

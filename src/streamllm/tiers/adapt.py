@@ -7,7 +7,7 @@ from typing import Any
 from streamllm.config import TierSettings
 
 # Fields that are STREAM's own and never leave the gateway.
-STREAM_FIELDS = ("allow_cloud",)
+STREAM_FIELDS = ("allow_cloud", "full_context")
 # Backends that ignore `max_completion_tokens` but honour `max_tokens`.
 LEGACY_MAX_TOKENS = {"ollama", "llamacpp"}
 
