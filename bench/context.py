@@ -160,14 +160,14 @@ def run_mode(base: str, conversations: int, turns: int,
                     row["summary_kind"] = "extension" if got.get("extends") else "first build"
                     # What the summarizer read, against what re-summarising everything aged so
                     # far would read (the paper's reference code does that every turn).
-                    turns = [m for m in history if m["role"] != "system"]
+                    said = [m for m in history if m["role"] != "system"]
                     done, previous = 0, 0
                     if got.get("extends"):
                         parent = client.get(f"/v1/stream/summaries/{got['extends']}").json()
                         done, previous = parent["messages_summarized"], parent["tokens"]
                     end = got["messages_summarized"]
-                    row["summarizer_read"] = previous + prompt_tokens(turns[done:end])
-                    row["aged_prefix"] = prompt_tokens(turns[:end])
+                    row["summarizer_read"] = previous + prompt_tokens(said[done:end])
+                    row["aged_prefix"] = prompt_tokens(said[:end])
                 rows.append(row)
                 if i + 1 in PROBE_TURNS and think_s:
                     time.sleep(think_s)  # the user reads the answer before asking again
