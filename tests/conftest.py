@@ -143,3 +143,67 @@ def three_tiers(start_sim, start_gateway) -> Callable[..., ThreeTiers]:
         return ThreeTiers(running["local"], running["hpc"], running["cloud"], gw)
 
     return build
+
+
+# -- databases ----------------------------------------------------------------------------------
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_USERS = ("postgres", "root")  # trust auth on this machine; either role may exist
+
+
+def _pg_user() -> tuple[str | None, str]:
+    """A PostgreSQL role that can create databases, or why there is none."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> tuple[str | None, str]:
+        errors = []
+        for user in PG_USERS:
+            try:
+                conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user,
+                                             database="test", timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError) as e:
+                errors.append(f"as {user}: {e}")
+                continue
+            await conn.close()
+            return user, ""
+        return None, "; ".join(errors)
+
+    return asyncio.run(probe())
+
+
+@pytest.fixture(scope="session")
+def postgres_user() -> str:
+    user, why = _pg_user()
+    if user is None:
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {why}")
+    return user
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'stream.db'}"
+        return
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    user = request.getfixturevalue("postgres_user")
+    name = f"stream_t_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database="test")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -92,13 +92,14 @@ def test_ordinary_text_is_not_flagged(three_tiers):
 
 
 def test_a_spent_budget_moves_hard_queries_off_the_cloud(three_tiers):
-    # Every cloud answer costs a dollar (the simulator's usage times this price); budget $2.
+    # Every cloud answer costs a dollar (the simulator's 32 tokens times this price, and the
+    # reservation for max_tokens 32 is the same); budget $2 a month.
     t = three_tiers(routing={"budget": {"usd": 2.0, "soft_start": 0.5}},
                     tiers={"cloud": {"prices": {"*": {"input_per_mtok": 0.0,
                                                       "output_per_mtok": 1e6 / 32}}}})
     tiers = []
     for _ in range(3):
-        headers, _ = ask(t, HARD)
+        headers, _ = ask(t, HARD, max_tokens=32)
         tiers.append((headers["x-stream-tier"], headers["x-stream-route-reason"]))
     assert tiers[0] == ("cloud", "judge:HIGH")
     assert tiers[-1] == ("hpc", "budget"), tiers
@@ -109,9 +110,9 @@ def test_streamed_answers_count_against_the_budget_too(three_tiers):
     t = three_tiers(routing={"budget": {"usd": 1.0, "soft_start": 0.0}},
                     tiers={"cloud": {"prices": {"*": {"output_per_mtok": 1e6 / 32}}}})
     stream = sdk(t).chat.completions.create(
-        model="auto", stream=True, messages=[{"role": "user", "content": HARD}])
+        model="auto", stream=True, max_tokens=32, messages=[{"role": "user", "content": HARD}])
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    headers, _ = ask(t, HARD)
+    headers, _ = ask(t, HARD, max_tokens=32)
     assert (headers["x-stream-tier"], headers["x-stream-route-reason"]) == ("hpc", "budget")
 
 
@@ -138,9 +139,9 @@ def test_a_key_without_cloud_never_reaches_it(three_tiers):
 
 def test_a_keys_budget_is_its_own(three_tiers):
     t = keyed(three_tiers)
-    first, _ = ask(t, HARD, key=THRIFTY_KEY)
-    second, _ = ask(t, HARD, key=THRIFTY_KEY)
-    other, _ = ask(t, HARD, key=KEY)
+    first, _ = ask(t, HARD, key=THRIFTY_KEY, max_tokens=32)
+    second, _ = ask(t, HARD, key=THRIFTY_KEY, max_tokens=32)
+    other, _ = ask(t, HARD, key=KEY, max_tokens=32)
     assert first["x-stream-tier"] == "cloud"
     assert (second["x-stream-tier"], second["x-stream-route-reason"]) == ("hpc", "budget")
     assert other["x-stream-tier"] == "cloud"
@@ -210,3 +211,16 @@ def test_a_junk_answering_llm_judge_falls_back_to_the_classifier(three_tiers):
     headers, _ = ask(t, EASY)
     assert headers["x-stream-judge"] == "llm->classifier"
     assert (headers["x-stream-complexity"], headers["x-stream-tier"]) == ("LOW", "local")
+
+
+def test_a_request_the_budget_cannot_cover_is_refused_with_429(three_tiers):
+    t = keyed(three_tiers)
+    ask(t, HARD, key=THRIFTY_KEY, model="cloud", max_tokens=32)  # spends the whole $1
+    with pytest.raises(openai.RateLimitError) as err:
+        ask(t, HARD, key=THRIFTY_KEY, model="cloud", max_tokens=32)
+    assert err.value.body["code"] == "insufficient_quota"
+    assert int(err.value.response.headers["retry-after"]) > 0
+    assert len(t.cloud.sim.log) == 1, "the refused request reached no backend"
+    # Free tiers stay open to the key.
+    headers, _ = ask(t, HARD, key=THRIFTY_KEY, model="hpc")
+    assert headers["x-stream-tier"] == "hpc"

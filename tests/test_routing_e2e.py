@@ -266,8 +266,8 @@ def test_client_disconnect_during_non_streaming_request_cancels_backend(three_ti
     assert t.hpc.sim.log[0].finished_at - t.hpc.sim.log[0].received_at < 10
 
 
-def test_front_page_says_what_is_running(three_tiers):
+def test_status_page_says_what_is_running(three_tiers):
     t = three_tiers(tiers={"cloud": {"enabled": False}})
-    page = httpx.get(f"{t.gateway.url}/")
+    page = httpx.get(f"{t.gateway.url}/status")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1" in page.text and "hpc-m" in page.text and "cloud" not in page.text

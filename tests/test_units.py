@@ -299,3 +299,30 @@ def test_preflight_rejects_a_database_url_the_store_cannot_use():
         settings = Settings.model_validate({"server": {"database_url": url}})
         with pytest.raises(ConfigError, match="server.database_url"):
             preflight(settings)
+
+
+def test_json_logs_carry_the_request_id_and_nothing_else_is_added():
+    import io
+    import json as _json
+    import logging
+
+    from streamllm.logs import JsonFormatter, _RequestId, request_id_var
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(_RequestId())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("streamllm.test-json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        token = request_id_var.set("req-42")
+        logger.warning("tier %s failed", "hpc")
+        request_id_var.reset(token)
+        logger.warning("outside a request")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (_json.loads(line) for line in out.getvalue().splitlines())
+    assert first["request_id"] == "req-42" and first["message"] == "tier hpc failed"
+    assert first["level"] == "warning" and first["logger"] == "streamllm.test-json"
+    assert "request_id" not in second

@@ -13,9 +13,10 @@ import typer
 import uvicorn
 import yaml
 
-from streamllm.config import SimSettings, load_settings
+from streamllm.config import ServerSettings, SimSettings, load_settings
 from streamllm.errors import ConfigError
 from streamllm.judge_cli import judge_app
+from streamllm.keys_cli import keys_app
 
 app = typer.Typer(
     add_completion=False,
@@ -23,6 +24,7 @@ app = typer.Typer(
     help="STREAM: one OpenAI-compatible endpoint over local, HPC and cloud LLM tiers.",
 )
 app.add_typer(judge_app, name="judge")
+app.add_typer(keys_app, name="keys")
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -30,15 +32,34 @@ ConfigOption = Annotated[
 ]
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
     # Libraries that log every request or task at INFO would drown STREAM's own lines.
-    for noisy in ("httpx", "httpx2", "parsl", "websockets"):
+    for noisy in ("httpx", "httpx2", "parsl", "websockets", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from streamllm.logs import configure
+
+    configure(level, fmt)
+
+
+def _stored_keys(server: ServerSettings) -> bool:
+    """Whether the store holds a live key (so the server will demand keys)."""
+    import asyncio
+
+    from streamllm.store import Store, StoreConfigError, default_url
+    from streamllm.store.keys import live_key_count
+
+    async def count() -> int:
+        store = await Store.open(server.database_url or default_url(server.data_dir))
+        try:
+            return await live_key_count(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(count()) > 0
+    except StoreConfigError as e:
+        typer.echo(f"streamllm: server.database_url: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -67,20 +88,21 @@ def serve(
     )
     settings = settings.model_copy(update={"server": server})
     try:
-        has_keys = bool(server.load_api_keys())
+        has_keys = bool(server.load_api_keys()) or server.oauth is not None
     except ConfigError as e:
         typer.echo(f"streamllm: {e}", err=True)
         raise typer.Exit(2) from None
-    if not _is_loopback(server.host) and not has_keys:
+    if not _is_loopback(server.host) and not has_keys and not _stored_keys(server):
         # Without keys anyone who can reach the port can spend the cluster's GPUs and the
         # cloud budget, so an open server stays on this machine.
         typer.echo(
-            f"streamllm: refusing to bind {server.host} without API keys: set server.api_keys "
-            "or server.api_keys_file, or serve on loopback (127.0.0.1 or ::1).",
+            f"streamllm: refusing to bind {server.host} without API keys: create one with "
+            "`streamllm keys create --name NAME`, set server.api_keys or server.api_keys_file "
+            "or server.oauth, or serve on loopback (127.0.0.1 or ::1).",
             err=True,
         )
         raise typer.Exit(2)
-    _setup_logging(server.log_level)
+    _setup_logging(server.log_level, server.log_format)
     from streamllm.gateway import create_app
 
     try:

@@ -221,10 +221,10 @@ class PrivacySettings(_Strict):
 
 
 class BudgetSettings(_Strict):
-    """A soft cloud budget. Until the usage ledger exists it is counted per gateway process
-    and starts again at zero when the process restarts."""
+    """A cloud budget for all callers together, per calendar month (UTC), from the usage
+    ledger. Keys may have budgets of their own."""
 
-    usd: Annotated[float, Field(gt=0)] | None = None  # for all callers together; none: no budget
+    usd: Annotated[float, Field(gt=0)] | None = None  # none: no budget for everyone
     soft_start: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # share spent where it starts to bite
 
 
@@ -279,12 +279,17 @@ class RoutingSettings(_Strict):
 
 
 class ApiKeySettings(_Strict):
-    """One accepted API key and what it may do (until the multi-user store replaces this)."""
+    """One API key given in the configuration, and what it may do. Keys made with
+    `streamllm keys create` live in the store instead and have the same rights."""
 
     key: Annotated[str, Field(min_length=8)]
     name: str | None = None  # for logs and budgets; default: a short digest of the key
+    admin: bool = False  # may see everyone's usage
     allow_cloud: bool = True  # false keeps this key's requests on local and hpc
-    budget_usd: Annotated[float, Field(gt=0)] | None = None  # soft cloud budget, per process
+    allow_tiers: list[TierName] | None = None  # none: every tier
+    budget_usd: Annotated[float, Field(gt=0)] | None = None  # per calendar month (UTC)
+    rpm: Annotated[int, Field(ge=1)] | None = None  # requests per minute
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None  # requests in flight at once
 
     @property
     def holder(self) -> str:
@@ -314,6 +319,22 @@ class ContextSettings(_Strict):
     summarizer: SummarizerSettings = Field(default_factory=SummarizerSettings)
 
 
+class OAuthSettings(_Strict):
+    """Institutional login: bearer tokens checked by OAuth token introspection (RFC 7662),
+    as Globus Auth provides it."""
+
+    introspection_url: str
+    client_id: str
+    client_secret_env: str = "STREAMLLM_OAUTH_CLIENT_SECRET"  # never the secret itself
+    allowed_domains: list[str] = Field(default_factory=list)
+    allowed_groups: list[str] = Field(default_factory=list)
+    groups_claim: str = "groups"
+    required_scope: str | None = None
+    cache_s: Seconds = 60.0
+    allow_cloud: bool = True  # for every signed-in user
+    budget_usd: Annotated[float, Field(gt=0)] | None = None  # per user and calendar month
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -330,6 +351,11 @@ class ServerSettings(_Strict):
     api_keys_file: str | None = None  # one key per line; '#' starts a comment
     # Where STREAM keeps what must survive a restart; none: SQLite in data_dir.
     database_url: str | None = None
+    oauth: OAuthSettings | None = None
+    key_cache_s: Annotated[float, Field(ge=0)] = 10.0  # a revoked key stops within this
+    session_hours: Annotated[float, Field(gt=0)] = 12.0  # web chat sign-in lifetime
+    log_format: Literal["text", "json"] = "text"
+    metrics: bool = True  # serve /metrics (Prometheus) without a key
 
     def load_api_keys(self) -> list[ApiKeySettings]:
         keys = [k if isinstance(k, ApiKeySettings) else ApiKeySettings(key=k)

@@ -34,6 +34,20 @@ class CloudNotAllowed(InvalidRequest):
     code = "cloud_not_allowed"
 
 
+class PermissionDenied(StreamError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class TierNotAllowed(StreamError):
+    """The caller's key may not use the tier it named."""
+
+    status = 403
+    type = "permission_error"
+    code = "tier_not_allowed"
+
+
 class AuthenticationFailed(StreamError):
     """No API key, or one this server does not know (OpenAI's wording and code)."""
 
@@ -76,6 +90,33 @@ class BackendRateLimited(BackendFailed):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class LimitExceeded(StreamError):
+    """The caller is over its request rate or concurrent streams (429, retry later)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class BudgetExhausted(LimitExceeded):
+    """The caller's (or everyone's) budget cannot cover this request (OpenAI's quota error)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class ServiceUnavailable(StreamError):
+    """Something STREAM depends on for this request (an identity provider) cannot be reached."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
 
 
 class BackendRejected(StreamError):

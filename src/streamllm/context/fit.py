@@ -95,10 +95,11 @@ def _boundaries(turns: Sequence[Message]) -> list[int]:
 
 
 def minimum_tokens(messages: Sequence[Message], counter: TokenCounter) -> int:
-    """What no summary can remove: the system messages and the latest user turn."""
+    """What no summary can remove: the system messages, the latest user turn and whatever
+    follows it (an agent's tool calls and their results are part of the turn)."""
     head, turns = split(messages)
-    latest = [m for m in turns if m.get("role") == "user"][-1:]
-    return counter.count([*head, *latest])
+    users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+    return counter.count([*head, *turns[users[-1]:]] if users else [*head, *turns])
 
 
 def plan_fit(messages: Sequence[Message], counter: TokenCounter, window: int, reserve: int,

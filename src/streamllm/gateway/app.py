@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,11 @@ from streamllm import __version__
 from streamllm.config import TIERS, Settings
 from streamllm.errors import ConfigError, ModelNotFound, NotFound
 from streamllm.gateway import errors
-from streamllm.gateway.auth import ApiKeyAuth
+from streamllm.gateway.auth import Authenticator, AuthMiddleware
+from streamllm.gateway.introspection import IntrospectionSettings, TokenIntrospector
+from streamllm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from streamllm.gateway.ui_routes import static_files, ui_router
+from streamllm.gateway.usage_routes import usage_router
 from streamllm.gateway.chat import ChatHandler
 from streamllm.gateway.middleware import RequestContext
 from streamllm.gateway.runtime import Runtime, preflight
@@ -61,6 +66,23 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
     return cards
 
 
+def _introspector(settings: Settings) -> TokenIntrospector | None:
+    oauth = settings.server.oauth
+    if oauth is None:
+        return None
+    secret = os.environ.get(oauth.client_secret_env, "")
+    if not secret:
+        raise ConfigError(f"server.oauth: the client secret is not in ${oauth.client_secret_env}")
+    try:
+        return TokenIntrospector(IntrospectionSettings(
+            url=oauth.introspection_url, client_id=oauth.client_id, client_secret=secret,
+            allowed_domains=tuple(oauth.allowed_domains),
+            allowed_groups=tuple(oauth.allowed_groups), groups_claim=oauth.groups_claim,
+            required_scope=oauth.required_scope, cache_s=oauth.cache_s))
+    except ValueError as e:
+        raise ConfigError(f"server.oauth: {e}") from None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     api_keys = settings.server.load_api_keys()
@@ -71,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     preflight(settings)
     runtime = Runtime(settings)
+    introspector = _introspector(settings)
+    auth = Authenticator(settings.server, lambda: runtime.store, introspector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await runtime.stop()
+            if introspector is not None:
+                await introspector.aclose()
 
     app = FastAPI(
         title="STREAM", version=__version__, lifespan=lifespan,
@@ -86,8 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app)
-    if api_keys:
-        app.add_middleware(ApiKeyAuth, keys=api_keys)
+    app.add_middleware(AuthMiddleware, authenticator=auth)
     app.add_middleware(RequestContext)  # added last, so it runs first: 401s get request ids too
     chat = ChatHandler(runtime)
 
@@ -128,8 +153,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "text": record.text,
         })
 
-    @app.get("/", include_in_schema=False)
-    async def front_page() -> HTMLResponse:
+    app.include_router(usage_router(runtime))
+    app.include_router(ui_router(runtime, auth))
+    app.mount("/ui/static", static_files(), name="ui-static")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        if not settings.server.metrics:
+            raise NotFound("metrics are turned off (server.metrics: false)")
+        return Response(runtime.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/status", include_in_schema=False)
+    async def status_page() -> HTMLResponse:
         # A status page, so that opening the address in a browser says what is running.
         rows = "".join(
             f"<tr><td>{html.escape(t)}</td><td>{html.escape(runtime.health[t].state)}</td>"

@@ -19,13 +19,15 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
-from streamllm.config import ApiKeySettings
+from streamllm.caller import Caller
 from streamllm.context.tokens import estimate_messages
 from streamllm.errors import (
     BackendFailed,
     BackendRateLimited,
+    BudgetExhausted,
     ContextTooLong,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     StreamError,
     TierUnavailable,
@@ -33,6 +35,7 @@ from streamllm.errors import (
 from streamllm.gateway.disconnect import ClientWatch, RelayResponse
 from streamllm.gateway.errors import envelope
 from streamllm.gateway.runtime import Runtime
+from streamllm.gateway.ticket import Ticket
 from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
 from streamllm.context.manager import Outcome
@@ -122,8 +125,8 @@ def idempotency_key(request: Request) -> str | None:
 
 
 def _client_allows_cloud(req: ChatCompletionRequest, request: Request,
-                         key: ApiKeySettings | None) -> bool:
-    if key is not None and not key.allow_cloud:
+                         caller: Caller | None) -> bool:
+    if caller is not None and not caller.allow_cloud:
         return False
     header = request.headers.get("x-stream-allow-cloud")
     if header is not None and header.strip().lower() in ("0", "false", "no", "off"):
@@ -137,76 +140,101 @@ class ChatHandler:
         self.settings = runtime.settings
 
     async def __call__(self, request: Request) -> Response:
-        arrived = time.perf_counter()
         body = await read_json_body(request, self.settings.server.max_body_bytes)
         req = parse_request(body)
         idem = idempotency_key(request)
+        request_id = request.state.request_id
         if self.settings.server.log_prompts:
-            log.info("request %s prompt: %r", request.state.request_id, req.latest_user_text())
+            log.info("request %s prompt: %r", request_id, req.latest_user_text())
         if req.unknown_fields():
             log.debug("passing on unknown request fields: %s", ", ".join(req.unknown_fields()))
-        key: ApiKeySettings | None = getattr(request.state, "api_key", None)
-        route = await self._route(req, request, key)
-        headers = request.state.stream_headers
-        _explain(headers, route)
-        request_id = request.state.request_id
-        overhead_ms = (time.perf_counter() - arrived) * 1000
-        headers["x-stream-overhead-ms"] = f"{overhead_ms:.3f}"
+        caller: Caller | None = getattr(request.state, "caller", None)
+        conversation = await self._conversation(request, caller)
+        # Over its rate or concurrency limit, a caller is refused before any work is done.
+        ticket = Ticket(self.runtime, request_id, caller, self.runtime.accounts.admit(caller),
+                        conversation=conversation, user_text=req.latest_user_text())
+        arrived = ticket.arrived
         watch = ClientWatch(request)
         handed_over = False
         try:
+            route = ticket.route = await self._route(req, request, caller)
+            headers = request.state.stream_headers
+            _explain(headers, route)
+            headers["x-stream-overhead-ms"] = f"{(time.perf_counter() - arrived) * 1000:.3f}"
             if req.wants_stream:
                 cand, stream, held, failures, dispatch, fit = await self._open(
-                    body, req, route, idem, key)
+                    body, req, route, idem, ticket)
                 self._label(headers, cand, failures, route, fit)
                 headers.update(dispatch.headers)
-                handed_over = True  # from here the response owns the watch
+                handed_over = True  # from here the response owns the watch and the ticket
                 return RelayResponse(
-                    self._relay(req, body, cand, stream, held, request_id, key, fit), watch,
+                    self._relay(req, body, cand, stream, held, ticket, fit), watch,
                     SSE_HEADERS)
-            return await self._complete(body, req, route, headers, request_id, idem, key)
+            return await self._complete(body, req, route, headers, idem, ticket)
         except asyncio.CancelledError:
+            ticket.close("cancelled")
             if not watch.absorb():
                 raise
             log.info("request %s: client left before the answer began", request_id)
             return Response(status_code=499)
+        except StreamError as e:
+            ticket.close("rejected" if e.status < 500 else "failed")
+            raise
         finally:
             if not handed_over:
                 watch.stop()
+                ticket.close("failed")  # a no-op when an outcome was already recorded
+
+    async def _conversation(self, request: Request, caller: Caller | None) -> str | None:
+        """The web chat conversation this exchange is to be kept in, if the caller owns it."""
+        wanted = request.headers.get("x-stream-conversation")
+        if not wanted:
+            return None
+        if not await self.runtime.owns_conversation(caller, wanted):
+            raise NotFound(f"No conversation `{wanted}` exists for this caller.",
+                           param="x-stream-conversation")
+        return wanted
 
     async def _route(self, req: ChatCompletionRequest, request: Request,
-                     key: ApiKeySettings | None) -> Route:
+                     caller: Caller | None) -> Route:
         runtime = self.runtime
-        assert runtime.policy is not None and runtime.judge is not None
+        assert runtime.policy is not None
         found = runtime.detector.first(req.all_texts()) if runtime.detector else None
         output = req.output_limit or 0
         whole = estimate_messages(req.all_texts(), req.attachment_count())
-        latest = [m for m in req.messages if m.role in ("system", "developer")]
-        latest += [m for m in req.messages if m.role == "user"][-1:]
-        least = estimate_messages([m.text() for m in latest])
+        # What no summary can remove: system messages, and the latest user turn onwards.
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
+        kept = [m for m in req.messages if m.role in ("system", "developer")]
+        kept += [m for m in req.messages[users[-1] if users else 0:]
+                 if m.role not in ("system", "developer")]
+        least = estimate_messages([m.text() for m in kept])
         facts = RequestFacts(
-            allow_cloud=_client_allows_cloud(req, request, key),
+            allow_cloud=_client_allows_cloud(req, request, caller),
+            allowed_tiers=caller.allow_tiers if caller else None,
             sensitive=found.kind if found else None,
             prompt_tokens=whole + output,
             min_tokens=least + output if self.settings.context.summarize else None,
             full_context=_wants_full_context(req, request),
-            high_threshold=runtime.high_threshold(key),
+            high_threshold=await runtime.high_threshold(caller),
         )
         judgement = None
         if runtime.policy.needs_judgement(req.model):
-            judgement = await runtime.judge.judge(
+            judge = runtime.judge_for(request.headers.get("x-stream-judge-kind"))
+            judgement = await judge.judge(
                 req.latest_user_text(),
                 req.earlier_user_texts(self.settings.routing.judge.context_turns))
+            runtime.metrics.judge.labels(judgement.judge.split("->")[0]).observe(
+                judgement.latency_ms / 1000)
         return runtime.policy.route(req.model, facts, judgement, healthy=runtime.healthy)
 
     # -- shared fallback loop ------------------------------------------------------------------
     def _give_up(self, route: Route, failures: list[StreamError]) -> StreamError:
         # Too long for every tier tried is the client's to fix (400); too long for some while
-        # others were down may succeed later, so it stays a 503 below.
-        if failures and all(isinstance(f, ContextTooLong) for f in failures):
-            return failures[-1]
-        if failures and all(isinstance(f, BackendRateLimited) for f in failures):
-            return failures[-1]
+        # others were down may succeed later, so it stays a 503 below. Likewise a budget that
+        # covers none of the tiers is a 429 the caller can act on.
+        for kind in (ContextTooLong, BackendRateLimited, BudgetExhausted):
+            if failures and all(isinstance(f, kind) for f in failures):
+                return failures[-1]
         return TierUnavailable(
             "no tier could serve this request: " + "; ".join(f.message for f in failures)
         )
@@ -214,33 +242,42 @@ class ChatHandler:
     def _note_failure(self, cand: Candidate, err: StreamError) -> None:
         if isinstance(err, BackendFailed):
             self.runtime.mark_failed(cand.tier, err.message)
+            self.runtime.metrics.fallbacks.labels(cand.tier).inc()
         log.warning("tier %s (%s) failed before output: %s", cand.tier, cand.model, err.message)
 
-    async def _fit(self, body: dict, req: ChatCompletionRequest, cand: Candidate,
-                   key: ApiKeySettings | None) -> tuple[dict, Outcome]:
-        """The body with its messages fitted to the candidate's window, or ContextTooLong."""
+    async def _prepare(self, body: dict, req: ChatCompletionRequest, cand: Candidate,
+                       ticket: Ticket) -> tuple[dict, Outcome]:
+        """The body with its messages fitted to the candidate's window (or ContextTooLong),
+        and the request's cost on this tier reserved from the budgets (or BudgetExhausted)."""
         runtime = self.runtime
         window = runtime.windows.get(cand.tier)
+        owner = ticket.caller.name if ticket.caller else None
         outcome = await runtime.context.fit(
-            body["messages"], cand.tier, cand.model, window, req.output_limit,
-            key.holder if key else None)
+            body["messages"], cand.tier, cand.model, window, req.output_limit, owner)
         if outcome is None:
             raise ContextTooLong(
                 f"The conversation does not fit the {cand.tier} tier's context window of "
                 f"{window} tokens, even with older turns summarised: the system messages and "
                 "the latest user message alone are too long.", param="messages")
+        if ticket.reservation is not None:
+            runtime.accounts.settle(ticket.reservation)
+        estimate = runtime.cost(cand.tier, cand.model, {
+            "prompt_tokens": outcome.fitted.tokens_after,
+            "completion_tokens": req.output_limit or self.settings.context.reserve_output_tokens,
+        })
+        ticket.reservation = await runtime.accounts.reserve(ticket.caller, estimate)
         if outcome.fitted.action != "full":
             body = {**body, "messages": outcome.fitted.messages}
         return body, outcome
 
     def _after(self, req: ChatCompletionRequest, body: dict, cand: Candidate, fit: Outcome,
-               usage: dict | None, answer: str, key: ApiKeySettings | None) -> None:
+               usage: dict | None, answer: str, caller: Caller | None) -> None:
         """Learn from a finished answer: calibrate the model's token counts on what was sent,
         and prepare the summaries the conversation's next turn will need."""
         context = self.runtime.context
         context.observe(cand.model, fit.fitted.messages, (usage or {}).get("prompt_tokens"))
         conversation = [*body["messages"], {"role": "assistant", "content": answer}]
-        owner = key.holder if key else None
+        owner = caller.name if caller else None
         for tier in dict.fromkeys((cand.tier, "local")):
             model = (cand.model if tier == cand.tier
                      else (self.runtime.catalogue.get(tier) or [None])[0])
@@ -271,34 +308,39 @@ class ChatHandler:
             headers["x-stream-route-reason"] = ",".join([*route.reasons, *extra])
 
     # -- non-streaming -------------------------------------------------------------------------
-    async def _complete(self, body, req: ChatCompletionRequest, route: Route, headers,
-                        request_id, idem, key: ApiKeySettings | None) -> Response:
+    async def _complete(self, body, req: ChatCompletionRequest, route: Route, headers, idem,
+                        ticket: Ticket) -> Response:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem)
             try:
-                fitted, fit = await self._fit(body, req, cand, key)
+                fitted, fit = await self._prepare(body, req, cand, ticket)
                 result = await self.runtime.backends[cand.tier].complete(
                     backend_body(fitted, cand.model, tier, stream=False), dispatch
                 )
-            except (BackendFailed, ContextTooLong) as e:
+            except (BackendFailed, ContextTooLong, BudgetExhausted) as e:
                 failures.append(e)
                 self._note_failure(cand, e)
                 continue
             self.runtime.mark_ok(cand.tier)
             self._label(headers, cand, failures, route, fit)
             headers.update(dispatch.headers)
-            self.runtime.record_cost(cand.tier, cand.model, result.get("usage"), key)
-            self._after(req, body, cand, fit, result.get("usage"), _answer_of(result), key)
-            result["id"] = f"chatcmpl-{request_id}"
+            ticket.tier, ticket.model, ticket.fallbacks = cand.tier, cand.model, len(failures)
+            ticket.output()
+            ticket.usage = result.get("usage")
+            answer = _answer_of(result)
+            ticket.answer = [answer]
+            self._after(req, body, cand, fit, ticket.usage, answer, ticket.caller)
+            ticket.close("completed")
+            result["id"] = f"chatcmpl-{ticket.request_id}"
             return JSONResponse(result)
+        ticket.fallbacks = len(failures)
         raise self._give_up(route, failures)
 
     # -- streaming -----------------------------------------------------------------------------
     async def _open(
-        self, body, req: ChatCompletionRequest, route: Route, idem: str | None,
-        key: ApiKeySettings | None,
+        self, body, req: ChatCompletionRequest, route: Route, idem: str | None, ticket: Ticket,
     ) -> tuple[Candidate, AsyncIterator, list, list, Dispatch, Outcome]:
         """Start candidates in order until one produces output; return it with held chunks."""
         failures: list[StreamError] = []
@@ -306,8 +348,8 @@ class ChatHandler:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem)
             try:
-                fitted, fit = await self._fit(body, req, cand, key)
-            except ContextTooLong as e:
+                fitted, fit = await self._prepare(body, req, cand, ticket)
+            except (ContextTooLong, BudgetExhausted) as e:
                 failures.append(e)
                 self._note_failure(cand, e)
                 continue
@@ -329,30 +371,33 @@ class ChatHandler:
                 await stream.aclose()
                 raise
             self.runtime.mark_ok(cand.tier)
+            ticket.tier, ticket.model, ticket.fallbacks = cand.tier, cand.model, len(failures)
             return cand, stream, held, failures, dispatch, fit
+        ticket.fallbacks = len(failures)
         raise self._give_up(route, failures)
 
     async def _relay(
         self, req: ChatCompletionRequest, body: dict, cand: Candidate, stream, held,
-        request_id: str, key: ApiKeySettings | None, fit: Outcome,
+        ticket: Ticket, fit: Outcome,
     ) -> AsyncIterator[bytes]:
-        chunk_id = f"chatcmpl-{request_id}"
+        chunk_id = f"chatcmpl-{ticket.request_id}"
         include_usage = req.wants_usage_chunk
         outcome = "completed"
-        usage: dict | None = None
-        answer: list[str] = []  # the first choice's text, for the next turn's summary
+        answer = ticket.answer  # the first choice's text: for the next turn and the web chat
         try:
-            usage = _usage_in(held) or usage
+            ticket.usage = _usage_in(held) or ticket.usage
             _collect(held, answer)
+            ticket.output()
             yield _for_client(held, chunk_id, include_usage)
             async for batch in stream:
-                usage = _usage_in(batch) or usage
+                ticket.usage = _usage_in(batch) or ticket.usage
                 _collect(batch, answer)
                 out = _for_client(batch, chunk_id, include_usage)
                 if out:
+                    ticket.output()
                     yield out
             yield DONE
-            self._after(req, body, cand, fit, usage, "".join(answer), key)
+            self._after(req, body, cand, fit, ticket.usage, "".join(answer), ticket.caller)
         except StreamError as e:  # after output, every failure ends the stream as an event
             outcome = "failed"
             if isinstance(e, BackendFailed):
@@ -365,11 +410,7 @@ class ChatHandler:
         finally:
             await stream.aclose()
             # What was generated is paid for, whether or not the client stayed to read it.
-            self.runtime.record_cost(cand.tier, cand.model, usage, key)
-            log.info(
-                "request %s tier=%s model=%s stream outcome=%s",
-                request_id, cand.tier, cand.model, outcome,
-            )
+            ticket.close(outcome)
 
 
 def _collect(batch: list[Chunk], answer: list[str]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from streamllm.errors import BackendRateLimited, StreamError
+from streamllm.errors import BackendRateLimited, LimitExceeded, StreamError
 from streamllm.protocol.errors import ErrorEnvelope
 
 log = logging.getLogger("streamllm.gateway")
@@ -34,6 +35,8 @@ def error_response(err: StreamError) -> JSONResponse:
     headers = {}
     if isinstance(err, BackendRateLimited):
         headers["retry-after"] = "1"
+    elif isinstance(err, LimitExceeded):
+        headers["retry-after"] = str(max(1, math.ceil(err.retry_after)))
     return JSONResponse(envelope(err), status_code=err.status, headers=headers)
 
 

@@ -10,6 +10,8 @@ import re
 import uuid
 from typing import Any
 
+from streamllm.logs import request_id_var
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -27,6 +29,7 @@ class RequestContext:
                 incoming = value.decode("latin-1")
                 break
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request_id_var.set(request_id)  # for log records made while this request is handled
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # Handlers fill these in as they learn the route; defaults say "nothing was routed".

@@ -14,13 +14,16 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx2
 
+from streamllm.caller import Caller
 from streamllm.config import (
     TIERS,
-    ApiKeySettings,
+    JudgeSettings,
     Settings,
     SimModelSettings,
     SimSettings,
@@ -33,12 +36,14 @@ from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_contro
 from streamllm.hpc.worker import ping
 from streamllm.relay.server import RelayServer
 from streamllm.routing import RoutingPolicy
-from streamllm.routing.budget import EVERYONE, SpendLedger, cost_usd, effective_high_threshold
+from streamllm.routing.budget import cost_usd, effective_high_threshold
 from streamllm.routing.judge import Judge, build_judge
 from streamllm.routing.privacy import SensitiveDataDetector
 from streamllm.serving import ServerTask
 from streamllm.sim.app import Simulator
-from streamllm.store import Store, StoreConfigError, default_url
+from streamllm.gateway.accounting import EVERYONE, Accounts
+from streamllm.gateway.metrics import Metrics
+from streamllm.store import Store, StoreConfigError, conversations, default_url
 from streamllm.store.db import checked_url
 from streamllm.tiers import Backend, OpenAIHTTPBackend
 from streamllm.tiers.adapt import backend_body
@@ -90,7 +95,10 @@ class Runtime:
     judge: Judge | None = None
     detector: SensitiveDataDetector | None = None
     windows: dict[str, int | None] = field(default_factory=dict)  # tier -> context window
-    spend: SpendLedger = field(default_factory=SpendLedger)
+    accounts: Accounts = field(init=False)
+    metrics: Metrics = field(init=False)
+    judges: dict[str, Judge] = field(default_factory=dict)  # the ones a request may ask for
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
     store: Store | None = None
     context: ContextManager = field(init=False)
 
@@ -117,27 +125,54 @@ class Runtime:
     def simulated(self, tier: str) -> bool:
         return tier in self.sim_tiers
 
-    # -- budget ------------------------------------------------------------------------------
-    def record_cost(self, tier: str, model: str, usage: dict | None,
-                    key: ApiKeySettings | None) -> float:
-        ts = self.tiers.get(tier)
-        usd = cost_usd(usage, ts.price(model) if ts else None)
-        self.spend.add(key.holder if key else None, usd)
-        return usd
+    # -- cost, budgets and the web chat ----------------------------------------------------------
+    def cost(self, tier: str | None, model: str | None, usage: dict | None) -> float:
+        ts = self.tiers.get(tier) if tier else None
+        return cost_usd(usage, ts.price(model) if ts and model else None)
 
-    def high_threshold(self, key: ApiKeySettings | None) -> float:
+    async def high_threshold(self, caller: Caller | None) -> float:
         """P(HIGH) `auto` needs for the HIGH tier, raised by whichever budget is tighter."""
         routing = self.settings.routing
         base, soft = routing.high_threshold, routing.budget.soft_start
-        found = effective_high_threshold(base, self.spend.spent(EVERYONE), routing.budget.usd,
-                                         soft)
-        if key is not None and key.budget_usd is not None:
-            found = max(found, effective_high_threshold(
-                base, self.spend.spent(key.holder), key.budget_usd, soft))
+        found = base
+        for holder, budget in self.accounts.budgets(caller):
+            spent = await self.accounts.spent(None if holder == EVERYONE else holder)
+            found = max(found, effective_high_threshold(base, spent, budget, soft))
         return found
+
+    def judge_for(self, kind: str | None) -> Judge:
+        """The configured judge, or the one a request asks for if it is available."""
+        assert self.judge is not None
+        return self.judges.get(kind or "", self.judge)
+
+    async def owns_conversation(self, caller: Caller | None, conversation_id: str) -> bool:
+        assert self.store is not None
+        return await conversations.owns(self.store, caller.name if caller else None,
+                                        conversation_id)
+
+    async def remember(self, conversation_id: str, user_text: str, answer: str,
+                       meta: dict) -> None:
+        """Keep a web chat exchange in its conversation."""
+        assert self.store is not None
+        await conversations.append(self.store, conversation_id,
+                                   [("user", user_text, None), ("assistant", answer, meta)])
+
+    def in_background(self, work: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("background work failed")
+
+        task = asyncio.create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        self.metrics = Metrics(
+            inflight=lambda: self.accounts.inflight() if hasattr(self, "accounts") else 0,
+            relay_channels=lambda: len(self.relay.channels) if self.relay else None)
         resolved: dict[str, TierSettings] = {}
         for tier in TIERS:
             configured = self.settings.tier(tier)
@@ -180,6 +215,7 @@ class Runtime:
         self.policy = RoutingPolicy(self.settings.routing, self.catalogue, self.settings.aliases,
                                     self.windows)
         self.judge = self._judge()
+        self.judges = self._judges()
         privacy = self.settings.routing.privacy
         if privacy.detect:
             self.detector = SensitiveDataDetector(privacy.patterns, privacy.kinds)
@@ -188,11 +224,26 @@ class Runtime:
         log.info("store: %s", self.store.url)
         self.context = self._context_manager()
         await self.context.start()
+        self.accounts = Accounts(self.store, self.settings.routing.budget.usd)
+        self.accounts.start()
         await self.probe_all()
         self._monitor = asyncio.create_task(self._watch(), name="tier-health")
 
-    def _judge(self) -> Judge:
+    def _judges(self) -> dict[str, Judge]:
+        """Every judge this server can run, for requests that pick one (the web chat's
+        setting): the classifier always; llm and cascade when the judging tier has a model."""
         js = self.settings.routing.judge
+        out: dict[str, Judge] = {js.kind: self.judge} if self.judge else {}
+        for kind in ("classifier", "llm", "cascade"):
+            if kind not in out:
+                try:
+                    out[kind] = self._judge(js.model_copy(update={"kind": kind}), quiet=True)
+                except ConfigError:
+                    continue
+        return out
+
+    def _judge(self, js: JudgeSettings | None = None, quiet: bool = False) -> Judge:
+        js = js or self.settings.routing.judge
         if js.kind == "classifier":
             return build_judge(js)
         tier = js.llm.tier
@@ -205,7 +256,8 @@ class Runtime:
         async def complete(body: dict) -> dict:
             return await backend.complete(backend_body(body, model, ts, stream=False))
 
-        log.info("complexity judge: %s, asking %s/%s", js.kind, tier, model)
+        if not quiet:
+            log.info("complexity judge: %s, asking %s/%s", js.kind, tier, model)
         return build_judge(js, complete, model)
 
     def _context_manager(self) -> ContextManager:
@@ -237,7 +289,13 @@ class Runtime:
                 pass
         for task in self._warmups:
             task.cancel()
-        context = getattr(self, "context", None)  # absent when startup failed before it
+        accounts = getattr(self, "accounts", None)  # absent when startup failed before it
+        if accounts is not None:
+            await accounts.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        context = getattr(self, "context", None)
         if context is not None:
             await context.aclose()
         if self.store is not None:

@@ -14,7 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streamllm.config import COMPLEXITIES, TIERS, Complexity, RoutingSettings
-from streamllm.errors import CloudNotAllowed, ContextTooLong, ModelNotFound, TierUnavailable
+from streamllm.errors import (
+    CloudNotAllowed,
+    ContextTooLong,
+    ModelNotFound,
+    TierNotAllowed,
+    TierUnavailable,
+)
 from streamllm.routing.judge import Judgement
 
 MAX_ALIAS_DEPTH = 8
@@ -32,6 +38,7 @@ class RequestFacts:
     """What the gateway learnt about a request before routing it."""
 
     allow_cloud: bool = True  # the caller's (key's and request's) wish, before configuration
+    allowed_tiers: frozenset[str] | None = None  # the caller's key's tiers; None: every tier
     sensitive: str | None = None  # the kind of sensitive data found in it, if any
     prompt_tokens: int = 0  # estimated tokens the whole request needs (prompt + answer)
     # What it needs at least once older turns are summarised (system messages, the latest user
@@ -101,6 +108,12 @@ class RoutingPolicy:
                 raise ValueError("auto routing needs the judge's judgement")
             return self._auto(judgement, facts, allow_cloud, healthy)
         explicit = self._explicit(name, model)
+        if facts.allowed_tiers is not None and explicit.tier not in facts.allowed_tiers:
+            raise TierNotAllowed(
+                f"model '{model}' is on the {explicit.tier} tier, which your API key may not "
+                f"use (it may use {', '.join(sorted(facts.allowed_tiers)) or 'no tier'})",
+                param="model",
+            )
         if explicit.tier not in IN_HOUSE and facts.sensitive:
             raise CloudNotAllowed(
                 f"model '{model}' is on the {explicit.tier} tier, and this request appears to "
@@ -132,6 +145,7 @@ class RoutingPolicy:
                  facts: RequestFacts) -> list[Candidate]:
         return [c for c in candidates
                 if (allow_cloud or c.tier != "cloud")
+                and (facts.allowed_tiers is None or c.tier in facts.allowed_tiers)
                 and (not facts.sensitive or c.tier in IN_HOUSE)]
 
     def _auto(self, judgement: Judgement, facts: RequestFacts, allow_cloud: bool,
@@ -151,7 +165,8 @@ class RoutingPolicy:
         if facts.sensitive and len(kept) < len(candidates):
             reasons.append(f"privacy:{facts.sensitive}")
         elif first not in kept:
-            reasons.append("no-cloud")
+            forbidden = first.tier == "cloud" and not allow_cloud
+            reasons.append("no-cloud" if forbidden else f"not-allowed:{first.tier}")
         if not kept:
             raise TierUnavailable("no tier is configured that this request may use")
 

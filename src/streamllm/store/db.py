@@ -231,6 +231,19 @@ class Store:
         await self._engine.dispose()
 
     @property
+    def engine(self) -> AsyncEngine:
+        """For the store's sibling modules (keys, usage, conversations), not for callers."""
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        """INSERT that can take ON CONFLICT clauses on either database."""
+        return self._insert(table)
+
+    @property
     def url(self) -> str:
         """The database URL with any password masked: safe for logs and health pages."""
         return self._url.render_as_string(hide_password=True)

@@ -6,7 +6,18 @@ New tables (API keys, the usage ledger, ...) join this metadata and get their ow
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Double, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 # Deterministic constraint and index names: the same on SQLite and PostgreSQL, so a later
 # migration can name what it drops or alters (SQLite's batch mode needs names to do that).
@@ -52,4 +63,86 @@ token_calibrations = Table(
     Column("tokens_per_message", Double, nullable=False),
     Column("samples", Integer, nullable=False),
     Column("updated_at", Double, nullable=False),
+)
+
+# API keys made with `streamllm keys create`. Only a SHA-256 digest of the key is kept; the
+# prefix is what `keys list` shows so people can tell their keys apart.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(NAME), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("prefix", String(32), nullable=False),
+    Column("admin", Boolean, nullable=False),
+    Column("allow_tiers", String(NAME), nullable=True),  # comma-separated; none: every tier
+    Column("budget_usd", Double, nullable=True),  # per calendar month (UTC); none: no budget
+    Column("rpm", Integer, nullable=True),  # requests per minute; none: unlimited
+    Column("max_concurrent", Integer, nullable=True),  # streams at once; none: unlimited
+    Column("created_at", Double, nullable=False),
+    Column("revoked_at", Double, nullable=True),
+    Index(None, "name"),
+)
+
+# The usage ledger: one row per chat completion request that was routed. No prompt or answer
+# text unless `server.log_prompts` is on.
+usage = Table(
+    "usage",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("caller", String(NAME), nullable=True),  # the key's name, "oauth:<user>", or none
+    Column("key_id", String(32), nullable=True),
+    Column("tier", String(32), nullable=True),
+    Column("model", String(NAME), nullable=True),
+    Column("complexity", String(16), nullable=True),
+    Column("route_reason", String(NAME), nullable=True),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_usd", Double, nullable=False),
+    Column("ttft_ms", Double, nullable=True),
+    Column("duration_ms", Double, nullable=False),
+    Column("outcome", String(16), nullable=False),  # completed | failed | cancelled | rejected
+    Column("fallbacks", Integer, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("prompt_text", Text, nullable=True),
+    Column("answer_text", Text, nullable=True),
+    Index("ix_usage_caller_created_at", "caller", "created_at"),
+    Index(None, "created_at"),
+)
+
+# The web chat's conversations, kept server-side per caller.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("caller", String(NAME), nullable=True),
+    Column("title", String(NAME), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Index("ix_conversations_caller_updated_at", "caller", "updated_at"),
+)
+
+conversation_messages = Table(
+    "conversation_messages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(32),
+           ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("meta", Text, nullable=True),  # JSON: request id, tier, model, complexity, ...
+    Column("created_at", Double, nullable=False),
+    Index(None, "conversation_id"),
+)
+
+# Web chat sign-ins: the browser holds a random session id in an HttpOnly cookie; only its
+# digest is kept, with the key it stands for.
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("caller", String(NAME), nullable=False),
+    Column("key_id", String(32), nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
 )
