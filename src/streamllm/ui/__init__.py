@@ -1,0 +1,1 @@
+"""The web chat: static files (index.html, app.js, markdown.js, style.css) served by the gateway."""
