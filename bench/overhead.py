@@ -219,7 +219,7 @@ def start_gateway(services: Services, sim_base: str, python: str | None = None) 
     port = free_port()
     config = services.workdir / "stream.yaml"
     config.write_text(textwrap.dedent(f"""\
-        server: {{detect_ollama: false, log_level: warning}}
+        server: {{detect_ollama: false, log_level: warning, data_dir: "{services.workdir}/data"}}
         tiers:
           local: {{kind: vllm, base_url: "{sim_base}/v1", models: [{SIM_MODEL}]}}
           hpc:   {{enabled: false}}

@@ -266,6 +266,7 @@ class ChatHandler:
             "completion_tokens": req.output_limit or self.settings.context.reserve_output_tokens,
         })
         ticket.reservation = await runtime.accounts.reserve(ticket.caller, estimate)
+        ticket.prompt_estimate = outcome.fitted.tokens_after
         if outcome.fitted.action != "full":
             body = {**body, "messages": outcome.fitted.messages}
         return body, outcome
@@ -332,6 +333,7 @@ class ChatHandler:
             answer = _answer_of(result)
             ticket.answer = [answer]
             self._after(req, body, cand, fit, ticket.usage, answer, ticket.caller)
+            await ticket.keep("completed")
             ticket.close("completed")
             result["id"] = f"chatcmpl-{ticket.request_id}"
             return JSONResponse(result)
@@ -396,6 +398,7 @@ class ChatHandler:
                 if out:
                     ticket.output()
                     yield out
+            await ticket.keep("completed")
             yield DONE
             self._after(req, body, cand, fit, ticket.usage, "".join(answer), ticket.caller)
         except StreamError as e:  # after output, every failure ends the stream as an event

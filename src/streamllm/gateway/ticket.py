@@ -45,8 +45,9 @@ class Ticket:
     reservation: Reservation | None = None
     conversation: str | None = None  # the web chat conversation this exchange belongs to
     user_text: str = ""
-    prompt_estimate: int = 0
+    prompt_estimate: int = 0  # what fitting counted for the prompt sent: used without usage
     closed: bool = False
+    kept: bool = False  # the exchange is in its web chat conversation already
 
     def output(self) -> None:
         now = time.perf_counter()
@@ -58,6 +59,38 @@ class Ticket:
             self.runtime.metrics.gap.labels(self.tier).observe(now - (self.last_output or now))
         self.last_output = now
 
+    def counted_usage(self) -> dict[str, Any]:
+        """The backend's usage; for a stream cut short, which has none, what was sent: the
+        prompt as counted when it was fitted and one token per streamed delta."""
+        usage = dict(self.usage or {})
+        if usage.get("prompt_tokens") is None:
+            usage["prompt_tokens"] = self.prompt_estimate
+        if usage.get("completion_tokens") is None:
+            usage["completion_tokens"] = len(self.answer)
+        return usage
+
+    async def keep(self, outcome: str) -> None:
+        """Store the exchange in its web chat conversation (awaited before a stream's end, so
+        a page reloaded right after the answer finds it)."""
+        if self.kept or not self.conversation or not self.tier:
+            return
+        self.kept = True
+        route = self.route
+        usage = self.counted_usage()
+        meta = {"request_id": self.request_id, "tier": self.tier, "model": self.model,
+                "complexity": route.complexity if route else None,
+                "confidence": route.judgement.confidence if route and route.judgement else None,
+                "route_reason": route.reason if route else None,
+                "ttft_ms": (self.first_output - self.arrived) * 1000
+                if self.first_output else None,
+                "duration_ms": (time.perf_counter() - self.arrived) * 1000,
+                "prompt_tokens": usage["prompt_tokens"],
+                "completion_tokens": usage["completion_tokens"],
+                "cost_usd": self.runtime.cost(self.tier, self.model, usage),
+                "fallbacks": self.fallbacks, "outcome": outcome}
+        await self.runtime.remember(self.conversation, self.user_text, "".join(self.answer),
+                                    meta)
+
     def close(self, outcome: str) -> None:
         """outcome: completed | failed | cancelled | rejected."""
         if self.closed:
@@ -65,13 +98,11 @@ class Ticket:
         self.closed = True
         runtime = self.runtime
         self.release()
-        cost = runtime.cost(self.tier, self.model, self.usage)
+        usage = self.counted_usage()
+        cost = runtime.cost(self.tier, self.model, usage)
         if self.reservation is not None:
             runtime.accounts.settle(self.reservation)
-        usage = self.usage or {}
-        completion = usage.get("completion_tokens")
-        if completion is None:  # a stream cut short has no usage: count what was sent
-            completion = len(self.answer)
+        completion = usage["completion_tokens"]
         route = self.route
         row = UsageRow(
             request_id=self.request_id, caller=self.caller.name if self.caller else None,
@@ -94,13 +125,7 @@ class Ticket:
             metrics.tokens.labels(self.tier, "completion").inc(row.completion_tokens)
             if cost:
                 metrics.cost.labels(self.tier).inc(cost)
-        if self.conversation and outcome in ("completed", "cancelled", "failed") and self.tier:
-            meta = {"request_id": self.request_id, "tier": self.tier, "model": self.model,
-                    "complexity": row.complexity,
-                    "confidence": route.judgement.confidence
-                    if route and route.judgement else None,
-                    "ttft_ms": row.ttft_ms, "cost_usd": cost, "outcome": outcome}
-            runtime.in_background(runtime.remember(
-                self.conversation, self.user_text, "".join(self.answer), meta))
+        if not self.kept and self.conversation and self.tier and outcome != "rejected":
+            runtime.in_background(self.keep(outcome))
         log.info("request %s caller=%s tier=%s model=%s outcome=%s", self.request_id,
                  row.caller or "-", self.tier or "-", self.model or "-", outcome)
