@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,6 @@ from streamllm.hpc.worker import ping
 from streamllm.serving import ServerThread
 from streamllm.sim.app import Simulator
 from streamllm.sim.content import answer_text
-from tests.conftest import closed_port
 
 STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 SECRET = "e2e-relay-secret-that-is-long-enough-0123456789"
@@ -283,21 +283,32 @@ def test_worker_killed_mid_stream_ends_the_stream_with_an_error(one_worker):
     assert received and answer_text("stuck", messages, 40).startswith(received)
 
 
+def start_relay(*args: str) -> tuple[subprocess.Popen, int]:
+    """`streamllm relay` on a port the OS picks (port 0), and that port, read from its log.
+
+    A port picked here and bound later can be taken in between by another socket of this busy
+    process; that was seen as a worker's relay handshake timing out in the full suite.
+    """
+    relay = subprocess.Popen([STREAMLLM, "relay", "--port", "0", *args],
+                             stderr=subprocess.PIPE, text=True)
+    for line in relay.stderr:
+        if "relay on ws" in line:
+            port = int(line.rsplit(":", 1)[1].split()[0])
+            # Keep reading its log so that it can never block on a full pipe.
+            threading.Thread(target=relay.stderr.read, daemon=True).start()
+            return relay, port
+    relay.wait()
+    raise AssertionError("the relay exited before it was ready")
+
+
 def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
     cluster, tmp_path
 ):
     _, cluster_url, cloud_url = cluster
     secret = tmp_path / "relay.secret"
     secret.write_text(SECRET)
-    port = closed_port()
-    relay = subprocess.Popen(
-        [STREAMLLM, "relay", "--port", str(port), "--secret-file", str(secret)],
-        stderr=subprocess.PIPE, text=True,
-    )
+    relay, port = start_relay("--secret-file", str(secret))
     try:
-        for line in relay.stderr:  # ready once it says where it listens
-            if "relay on ws://" in line:
-                break
         settings = gateway_settings(
             tmp_path, cluster_url, cloud_url, control_plane="local",
             relay_url=f"ws://127.0.0.1:{port}", relay_secret_file=str(secret),
@@ -385,15 +396,8 @@ def test_relay_over_tls_with_the_secret_in_the_environment(cluster, tmp_path, mo
     cert, key = self_signed(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted by the gateway and the workers
     monkeypatch.setenv("STREAMLLM_RELAY_SECRET", SECRET)
-    port = closed_port()
-    relay = subprocess.Popen(
-        [STREAMLLM, "relay", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)],
-        stderr=subprocess.PIPE, text=True,
-    )
+    relay, port = start_relay("--tls-cert", str(cert), "--tls-key", str(key))
     try:
-        for line in relay.stderr:
-            if "relay on wss://" in line:
-                break
         settings = gateway_settings(tmp_path, cluster_url, cloud_url, control_plane="local",
                                     relay_url=f"wss://127.0.0.1:{port}")
         app = create_app(settings)
