@@ -26,7 +26,7 @@ def keys_cli(config, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def server(start_sim, start_gateway, database_url, tmp_path):
+def server(database_url, start_sim, start_gateway, tmp_path):
     """Three simulated tiers behind a gateway whose store is `database_url`; keys are made
     with the real CLI against the same database."""
     sims = {t: start_sim({f"{t}-m": {"answer_tokens": 16}}) for t in ("local", "hpc", "cloud")}
@@ -321,3 +321,13 @@ def test_institutional_login_by_token_introspection(start_sim, start_gateway, mo
     with pytest.raises(openai.InternalServerError) as err:
         client("globus-token-new-0002").chat.completions.create(model="local", messages=HELLO)
     assert err.value.status_code == 503
+
+
+def test_revoking_every_key_does_not_open_the_server(server):
+    key = server.key("--name", "last")
+    server.start()
+    server.sdk(key).chat.completions.create(model="local", messages=HELLO)
+    assert keys_cli(server.config, "revoke", "last").returncode == 0
+    for bad in (key, "unused"):
+        with pytest.raises(openai.AuthenticationError):
+            server.sdk(bad).chat.completions.create(model="local", messages=HELLO)

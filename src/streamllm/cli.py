@@ -42,16 +42,16 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def _stored_keys(server: ServerSettings) -> bool:
-    """Whether the store holds a live key (so the server will demand keys)."""
+    """Whether keys were ever made in the store (so the server will demand them)."""
     import asyncio
 
     from streamllm.store import Store, StoreConfigError, default_url
-    from streamllm.store.keys import live_key_count
+    from streamllm.store.keys import key_count
 
     async def count() -> int:
         store = await Store.open(server.database_url or default_url(server.data_dir))
         try:
-            return await live_key_count(store)
+            return await key_count(store)
         finally:
             await store.close()
 

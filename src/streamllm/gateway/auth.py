@@ -59,21 +59,24 @@ class Authenticator:
         self._oauth_defaults = settings.oauth
         self._key_cache: dict[bytes, tuple[float, Caller | None]] = {}
         self._stored_count: tuple[float, int] = (0.0, -1)
+        self._closed = False  # a key has existed: single-user mode is over
 
     async def required(self) -> bool:
         """Whether the API needs a credential now: keys in the configuration, OAuth login, or
-        any live key in the store (re-checked every few seconds, so the first key made by
-        `streamllm keys create` closes a running single-user server)."""
-        if self.static or self.introspector is not None:
+        any key ever made in the store (re-checked every few seconds, so the first key made by
+        `streamllm keys create` closes a running single-user server). Revoking every key does
+        not open the server again: once keys exist, they are required for good."""
+        if self.static or self.introspector is not None or self._closed:
             return True
         store = self.store()
         if store is None:
             return False
         at, count = self._stored_count
-        if count < 0 or time.monotonic() - at > max(self.settings.key_cache_s, 1.0):
-            count = await stored_keys.live_key_count(store)
+        if count < 0 or time.monotonic() - at >= self.settings.key_cache_s:
+            count = await stored_keys.key_count(store)
             self._stored_count = (time.monotonic(), count)
-        return count > 0
+        self._closed = count > 0
+        return self._closed
 
     async def from_bearer(self, token: str) -> Caller | None:
         candidate = _digest(token)

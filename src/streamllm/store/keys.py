@@ -104,3 +104,10 @@ async def live_key_count(store: Store) -> int:
     query = select(func.count()).select_from(api_keys).where(api_keys.c.revoked_at.is_(None))
     async with store.engine.connect() as connection:
         return int((await connection.execute(query)).scalar_one())
+
+
+async def key_count(store: Store) -> int:
+    """Every key ever made, revoked ones included."""
+    async with store.engine.connect() as connection:
+        return int((await connection.execute(
+            select(func.count()).select_from(api_keys))).scalar_one())
