@@ -179,7 +179,7 @@ def test_a_retry_with_the_same_idempotency_key_joins_the_running_job(gateway, cl
     runtime, url = gateway
     messages = ask("an expensive question asked twice")
     before = len(vllm.log)
-    submitted = runtime.backends["hpc"].submitter.submitted
+    submitted = hpc_backend(runtime).submitter.submitted
     headers = {"Idempotency-Key": "retry-me-1"}
 
     async def both():
@@ -198,7 +198,7 @@ def test_a_retry_with_the_same_idempotency_key_joins_the_running_job(gateway, cl
     first, second = asyncio.run(both())
     expected = answer_text("slow", messages, 60)
     assert first == expected and second == expected
-    assert runtime.backends["hpc"].submitter.submitted == submitted + 1
+    assert hpc_backend(runtime).submitter.submitted == submitted + 1
     assert len([r for r in list(vllm.log)[before:] if r.model == "slow"]) == 1, "one GPU job"
 
 
@@ -283,6 +283,11 @@ def test_worker_killed_mid_stream_ends_the_stream_with_an_error(one_worker):
     assert received and answer_text("stuck", messages, 40).startswith(received)
 
 
+def hpc_backend(runtime):
+    """The single cluster's HPC backend behind the (federated) hpc tier."""
+    return runtime.backends["hpc"].clusters[0].backend
+
+
 def start_relay(*args: str) -> tuple[subprocess.Popen, int]:
     """`streamllm relay` on a port the OS picks (port 0), and that port, read from its log.
 
@@ -329,7 +334,7 @@ def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
                 if chunks == 5:
                     relay.kill()
             assert text == answer_text("slow", messages, 60) and finish == "stop"
-            assert app.state.runtime.backends["hpc"].healed == 1
+            assert hpc_backend(app.state.runtime).healed == 1
     finally:
         relay.kill()
         relay.wait()
@@ -408,7 +413,7 @@ def test_relay_over_tls_with_the_secret_in_the_environment(cluster, tmp_path, mo
             )
             assert raw.headers["x-stream-transport"] == "relay"
             assert read_stream(raw.parse())[0] == answer_text("m", messages, 24)
-            backend = app.state.runtime.backends["hpc"]
+            backend = hpc_backend(app.state.runtime)
             assert backend.healed == 0 and backend.rejected == {}, (
                 f"it really came by the relay, not: {backend.last_heal_reason}")
     finally:

@@ -93,6 +93,29 @@ class GlobusSettings(_Strict):
     amqp_port: int | None = None  # 443 where outbound 5671 is blocked
 
 
+class AgentSettings(_Strict):
+    """Warm agents: long-running workers started through the control plane that take requests
+    over the relay, so a request pays no job dispatch (docs/federation.md). Off by default."""
+
+    min_warm: Annotated[int, Field(ge=0)] = 0  # kept running even when idle
+    max: Annotated[int, Field(ge=0)] = 0  # 0: no agents, every request is its own job
+    max_concurrency: Annotated[int, Field(ge=1)] = 32  # requests one agent serves at once
+    idle_timeout_s: Seconds = 900.0  # an agent above min_warm idle this long is stopped
+    walltime_s: Seconds = 3600.0  # the batch job's walltime: the agent exits by then...
+    replace_before_s: Seconds = 300.0  # ...and is replaced this long before it does
+    heartbeat_s: Seconds = 5.0
+    launch_timeout_s: Seconds = 900.0  # an agent not ready by then is given up (queue, load)
+    backend_wait_s: Seconds = 900.0  # how long an agent waits for the cluster's vLLM to load
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AgentSettings":
+        if self.min_warm > self.max:
+            raise ValueError("agents.min_warm cannot exceed agents.max")
+        if self.replace_before_s >= self.walltime_s:
+            raise ValueError("agents.replace_before_s must be shorter than agents.walltime_s")
+        return self
+
+
 class HPCSettings(_Strict):
     """How the `hpc` tier reaches its cluster: a control plane for jobs, a relay for tokens."""
 
@@ -108,6 +131,10 @@ class HPCSettings(_Strict):
     token_ttl_s: Seconds = 120.0  # how long a relay capability token stays valid
     idempotency_ttl_s: Seconds = 600.0  # a retry within this joins the running job
     deadlines: HPCDeadlines = Field(default_factory=HPCDeadlines)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
+    # While a cluster is starting (no agent ready and its control plane not warm): "fallback"
+    # lets `auto` move on to the next tier at once; "wait" waits within the deadlines.
+    cold_start: Literal["fallback", "wait"] = "fallback"
 
     @model_validator(mode="after")
     def _complete(self) -> "HPCSettings":
@@ -116,6 +143,15 @@ class HPCSettings(_Strict):
         if self.relay_url and not self.relay_url.startswith(("ws://", "wss://")):
             raise ValueError("relay_url must start with ws:// or wss://")
         return self
+
+
+class ClusterSettings(HPCSettings):
+    """One cluster of a federated `hpc` tier: its control plane, relay and models."""
+
+    base_url: str | None = None  # the cluster's vLLM as its nodes reach it; none: simulated
+    models: list[str] = Field(default_factory=list)
+    api_key_env: str | None = None  # read on the cluster node, never sent
+    simulator: SimModelSettings | None = None  # when simulated
 
 
 class Price(_Strict):
@@ -148,6 +184,9 @@ class TierSettings(_Strict):
     # kind: hpc only. base_url is then the cluster's vLLM as its worker nodes reach it; with
     # no base_url the embedded simulator stands in for it.
     hpc: HPCSettings | None = None
+    # kind: hpc only. Several clusters behind one model namespace; when given, each cluster
+    # has its own control plane, relay and models, and `hpc`/`base_url` are not used.
+    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,7 +194,7 @@ class TierSettings(_Strict):
         # With no kind, an hpc section means the HPC path, and a base_url "an OpenAI-compatible
         # server"; neither ever means "simulate it".
         if isinstance(data, dict) and "kind" not in data:
-            if data.get("hpc") is not None:
+            if data.get("hpc") is not None or data.get("clusters"):
                 return {**data, "kind": "hpc"}
             if data.get("base_url"):
                 return {**data, "kind": "openai"}
@@ -167,13 +206,30 @@ class TierSettings(_Strict):
             raise ValueError(f"kind '{self.kind}' needs a base_url")
         if self.hpc is not None and self.kind != "hpc":
             raise ValueError("the hpc section belongs to a tier of kind 'hpc'")
+        if self.clusters and self.kind != "hpc":
+            raise ValueError("clusters belong to a tier of kind 'hpc'")
         if self.kind == "hpc" and self.hpc is None:
             self.hpc = HPCSettings()
+        if self.clusters and not self.models:
+            self.models = list(dict.fromkeys(m for c in self.clusters.values()
+                                             for m in c.models))
         return self
+
+    def cluster_settings(self) -> dict[str, "ClusterSettings"]:
+        """The clusters behind a kind hpc tier: as configured, or the one `hpc` section."""
+        if self.clusters:
+            return dict(self.clusters)
+        assert self.hpc is not None
+        return {"default": ClusterSettings(**self.hpc.model_dump(), base_url=self.base_url,
+                                           models=list(self.models),
+                                           api_key_env=self.api_key_env,
+                                           simulator=self.simulator)}
 
     @property
     def simulated(self) -> bool:
         """Answers are synthetic: the simulator is the backend (or the cluster's backend)."""
+        if self.kind == "hpc" and self.clusters:
+            return all(c.base_url is None for c in self.clusters.values())
         return self.kind == "simulator" or (self.kind == "hpc" and not self.base_url)
 
     def price(self, model: str) -> Price | None:
@@ -319,6 +375,22 @@ class ContextSettings(_Strict):
     summarizer: SummarizerSettings = Field(default_factory=SummarizerSettings)
 
 
+class BatchSettings(_Strict):
+    """The Batch API (docs/batch.md): uploaded files, and how a batch's lines are run."""
+
+    max_file_bytes: Annotated[int, Field(ge=1)] = 200 * 1024 * 1024  # one upload; over: 413
+    max_lines: Annotated[int, Field(ge=1)] = 50_000  # lines in one batch's input file
+    chunk_size: Annotated[int, Field(ge=1)] = 50  # lines handed to a runner at a time
+    chunks_at_once: Annotated[int, Field(ge=1)] = 4  # chunks the tiers' runner takes at once
+    lines_at_once: Annotated[int, Field(ge=1)] = 8  # requests in flight within one chunk
+    # On shutdown, requests in flight get this long to finish (and be kept) before they are
+    # cut off; the rest of the batch resumes at the next start.
+    drain_s: Annotated[float, Field(ge=0)] = 10.0
+    # A gateway holds each batch it runs for this long, renewed while it runs; a batch whose
+    # gateway died is taken over by another (or by the next start) once this has passed.
+    lease_s: Seconds = 60.0
+
+
 class OAuthSettings(_Strict):
     """Institutional login: bearer tokens checked by OAuth token introspection (RFC 7662),
     as Globus Auth provides it."""
@@ -385,6 +457,7 @@ class Settings(_Strict):
     tiers: dict[TierName, TierSettings] = Field(default_factory=dict)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     context: ContextSettings = Field(default_factory=ContextSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     aliases: dict[str, str] = Field(default_factory=dict)  # name -> tier or tier/model
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ class InvalidRequest(StreamError):
 
 class ContextTooLong(InvalidRequest):
     code = "context_length_exceeded"
+    reason = "too-small"  # as a fallback reason: the tier's window could not hold it
 
 
 class CloudNotAllowed(InvalidRequest):
@@ -80,6 +81,7 @@ class BackendFailed(StreamError):
     status = 502
     type = "upstream_error"
     code = "backend_error"
+    reason = "down"  # how x-stream-route-reason names a fallback it caused
 
     def __init__(self, message: str, *, tier: str = "", **kw):
         super().__init__(message, **kw)
@@ -109,6 +111,7 @@ class BudgetExhausted(LimitExceeded):
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+    reason = "over-budget"
 
 
 class ServiceUnavailable(StreamError):

@@ -56,10 +56,14 @@ class Accounts:
         self.everyone_budget = everyone_budget
         self.clock = clock
         self._spent: dict[str, tuple[float, float, float]] = {}  # holder -> (month, usd, at)
+        self._recorded: dict[str, float] = defaultdict(float)  # holder -> cost recorded here
         self._reserved: dict[str, float] = defaultdict(float)
         self._pending: list[UsageRow] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        # One flush at a time: a caller that flushes to read the ledger must also wait for
+        # rows the background writer has taken but not yet written.
+        self._flushing = asyncio.Lock()
         self._recent: dict[str, deque[float]] = defaultdict(deque)  # holder -> request times
         self._inflight: dict[str, int] = defaultdict(int)
 
@@ -77,6 +81,7 @@ class Accounts:
         """Queue a ledger row; its cost counts towards spend at once."""
         self._pending.append(row)
         for holder in (row.caller, EVERYONE) if row.caller else (EVERYONE,):
+            self._recorded[holder] += row.cost_usd
             month, usd, at = self._spent.get(holder, (0.0, 0.0, 0.0))
             if month == month_start(row.created_at):
                 self._spent[holder] = (month, usd + row.cost_usd, at)
@@ -87,6 +92,10 @@ class Accounts:
         return next((r for r in self._pending if r.request_id == request_id), None)
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
         rows, self._pending = self._pending, []
         try:
             await ledger.insert_rows(self.store, rows)
@@ -116,8 +125,14 @@ class Accounts:
         month = month_start(now)
         cached = self._spent.get(key)
         if cached is None or cached[0] != month or now - cached[2] > SPEND_TTL_S:
-            await self.flush()  # what this process spent is in the sum below
-            usd = await ledger.spent_since(self.store, None if key == EVERYONE else key, month)
+            async with self._flushing:  # no rows are written between the flush and the sum
+                marker = self._recorded[key]
+                await self._write_pending()  # what this process spent is in the sum below
+                usd = await ledger.spent_since(self.store, None if key == EVERYONE else key,
+                                               month)
+            # Rows recorded while the sum was read are not in it (concurrent requests, a
+            # batch's lines): added here, or a refresh would forget spending just recorded.
+            usd += self._recorded[key] - marker
             self._spent[key] = (month, usd, now)
             return usd
         return cached[1]
@@ -138,8 +153,12 @@ class Accounts:
     async def reserve(self, caller: Caller | None, usd: float) -> Reservation:
         """Set `usd` aside for a request, or BudgetExhausted."""
         budgets = self.budgets(caller)
+        for holder, _ in budgets:
+            await self.spent(None if holder == EVERYONE else holder)  # cached from here on
+        # Nothing below awaits, so requests reserving at once (a batch's lines) each see the
+        # others' reservations: checking and reserving is one step.
         for holder, budget in budgets:
-            spent = await self.spent(None if holder == EVERYONE else holder)
+            spent = self.spent_now(None if holder == EVERYONE else holder)
             if usd > 0 and spent + self._reserved[holder] + usd > budget:
                 whose = "your key's" if holder != EVERYONE else "this server's"
                 raise BudgetExhausted(

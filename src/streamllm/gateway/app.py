@@ -1,6 +1,7 @@
 """`create_app(settings)`: the gateway as a FastAPI app, with no global state.
 
-Routes: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health, GET /health/ready.
+Routes: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health, GET /health/ready;
+/v1/files and /v1/batches (gateway/batch_routes.py), /v1/usage (gateway/usage_routes.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from streamllm.gateway.introspection import IntrospectionSettings, TokenIntrospe
 from streamllm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamllm.gateway.ui_routes import static_files, ui_router
 from streamllm.gateway.usage_routes import usage_router
+from streamllm.gateway.batch_routes import batch_router
 from streamllm.gateway.chat import ChatHandler
 from streamllm.gateway.middleware import RequestContext
 from streamllm.gateway.runtime import Runtime, preflight
 from streamllm.protocol.models import ModelCard, ModelList
+from streamllm.tiers.federation import FederatedHPCBackend
 
 
 def _model_cards(runtime: Runtime) -> list[ModelCard]:
@@ -35,10 +38,17 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
     def state(tier: str) -> str:
         return runtime.health[tier].state
 
+    def placed(tier: str, model: str) -> dict:
+        """For a federated tier: the model's state and the clusters behind it."""
+        backend = runtime.backends.get(tier)
+        if not isinstance(backend, FederatedHPCBackend):
+            return {"state": state(tier)}
+        return {"state": backend.model_state(model), "endpoints": backend.endpoints(model)}
+
     if runtime.settings.server.profile == "hpc-as-api":
         # The cluster's models by their own names, as vLLM itself would list them.
         return [
-            ModelCard(id=model, owned_by=owner("hpc"), tier="hpc", state=state("hpc"))
+            ModelCard(id=model, owned_by=owner("hpc"), tier="hpc", **placed("hpc", model))
             for model in runtime.catalogue.get("hpc", ())
         ]
 
@@ -59,7 +69,7 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
         for model in runtime.catalogue.get(tier, ()):
             cards.append(
                 ModelCard(id=f"{tier}/{model}", owned_by=owner(tier), tier=tier,
-                          state=state(tier))
+                          **placed(tier, model))
             )
     for alias, target in runtime.settings.aliases.items():
         cards.append(ModelCard(id=alias, owned_by="streamllm", tier="alias", alias_of=target))
@@ -154,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         })
 
     app.include_router(usage_router(runtime))
+    app.include_router(batch_router(runtime))
     app.include_router(ui_router(runtime, auth))
     app.mount("/ui/static", static_files(), name="ui-static")
 

@@ -305,7 +305,8 @@ class ChatHandler:
             headers["x-stream-fallbacks"] = str(len(failures))
             # The tiers tried before this one failed for this very request.
             served = route.candidates.index(cand)
-            extra = [f"fallback:{c.tier}-down" for c in route.candidates[:served]]
+            extra = [f"fallback:{c.tier}-{getattr(f, 'reason', 'down')}"
+                     for c, f in zip(route.candidates[:served], failures, strict=False)]
             headers["x-stream-route-reason"] = ",".join([*route.reasons, *extra])
 
     # -- non-streaming -------------------------------------------------------------------------
@@ -314,7 +315,8 @@ class ChatHandler:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
-            dispatch = Dispatch(idempotency_key=idem)
+            dispatch = Dispatch(idempotency_key=idem,
+                                may_fall_back=cand is not route.candidates[-1])
             try:
                 fitted, fit = await self._prepare(body, req, cand, ticket)
                 result = await self.runtime.backends[cand.tier].complete(
@@ -348,7 +350,8 @@ class ChatHandler:
         failures: list[StreamError] = []
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
-            dispatch = Dispatch(idempotency_key=idem)
+            dispatch = Dispatch(idempotency_key=idem,
+                                may_fall_back=cand is not route.candidates[-1])
             try:
                 fitted, fit = await self._prepare(body, req, cand, ticket)
             except (ContextTooLong, BudgetExhausted) as e:

@@ -20,9 +20,12 @@ from typing import Any
 
 import httpx2
 
+from streamllm.batch import BackendChunkRunner, BatchService, ChunkRunner, FileStore
+from streamllm.batch.hpc import HPCChunkRunner
 from streamllm.caller import Caller
 from streamllm.config import (
     TIERS,
+    ClusterSettings,
     JudgeSettings,
     Settings,
     SimModelSettings,
@@ -31,7 +34,7 @@ from streamllm.config import (
 )
 from streamllm.context.manager import ContextManager
 from streamllm.context.tokens import load_tokenizer
-from streamllm.errors import ConfigError
+from streamllm.errors import ConfigError, StreamError
 from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_control_plane
 from streamllm.hpc.worker import ping
 from streamllm.relay.server import RelayServer
@@ -47,6 +50,8 @@ from streamllm.store import Store, StoreConfigError, conversations, default_url
 from streamllm.store.db import checked_url
 from streamllm.tiers import Backend, OpenAIHTTPBackend
 from streamllm.tiers.adapt import backend_body
+from streamllm.tiers.agents import AgentFirstPlane, AgentPool
+from streamllm.tiers.federation import Cluster, FederatedHPCBackend
 from streamllm.tiers.hpc import HPCRelayBackend
 
 log = logging.getLogger("streamllm.gateway")
@@ -86,7 +91,9 @@ class Runtime:
     origin: dict[str, str] = field(default_factory=dict)  # why each tier is what it is
     simulator: Simulator | None = None
     sim_tiers: set[str] = field(default_factory=set)  # tiers whose answers are synthetic
-    relay: RelayServer | None = None  # the in-process relay, when no relay_url is configured
+    relay: RelayServer | None = None  # the first in-process relay (no relay_url configured)
+    relays: list[RelayServer] = field(default_factory=list)  # one per such cluster
+    pools: list[AgentPool] = field(default_factory=list)  # warm agents, one pool per cluster
     planes: list[ControlPlane] = field(default_factory=list)
     _sim_server: ServerTask | None = None
     _warmups: list[asyncio.Task[None]] = field(default_factory=list)
@@ -101,6 +108,12 @@ class Runtime:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     store: Store | None = None
     context: ContextManager = field(init=False)
+    files: FileStore = field(init=False)  # the Batch API's files
+    batches: BatchService = field(init=False)
+    # Chunk runners by tier, for batch lines whose model is on that tier (e.g. "hpc": a runner
+    # that sends whole chunks to the cluster); every other line runs through the backends.
+    batch_runners: dict[str, ChunkRunner] = field(default_factory=dict)
+    _batch_runner: ChunkRunner | None = None
 
     # -- health seen by the router -------------------------------------------------------------
     def healthy(self, tier: str) -> bool:
@@ -124,6 +137,27 @@ class Runtime:
 
     def simulated(self, tier: str) -> bool:
         return tier in self.sim_tiers
+
+    def _model_on(self, name: str) -> str:
+        """The backend's own name for a model named in a request (`hpc/x`, `hpc`, `x`)."""
+        assert self.policy is not None
+        return self.policy.route(name).candidates[0].model
+
+    def batch_runner_for(self, model: str) -> ChunkRunner:
+        """Who runs a batch's lines that name `model` (see streamllm.batch.runner): the runner
+        registered in `batch_runners` for the tier an explicit model is on, else the one that
+        runs lines through the tiers' own backends (`auto`, unknown models, other tiers)."""
+        if self.batch_runners and self.policy is not None and \
+                not self.policy.needs_judgement(model):
+            try:
+                tier = self.policy.route(model).candidates[0].tier
+            except StreamError:
+                tier = None  # the default runner answers the line with the error
+            if tier in self.batch_runners:
+                return self.batch_runners[tier]
+        if self._batch_runner is None:
+            self._batch_runner = BackendChunkRunner(self, self.settings.batch)
+        return self._batch_runner
 
     # -- cost, budgets and the web chat ----------------------------------------------------------
     def cost(self, tier: str | None, model: str | None, usage: dict | None) -> float:
@@ -185,8 +219,10 @@ class Runtime:
                 resolved[tier] = await self._autodetect(tier)
         simulated = {t: s for t, s in resolved.items() if s.simulated}
         self.sim_tiers = set(simulated)
-        if simulated:
-            await self._start_simulator(simulated, resolved)
+        partly = {t: s for t, s in resolved.items()
+                  if s.clusters and any(c.base_url is None for c in s.clusters.values())}
+        if simulated or partly:
+            await self._start_simulator({**partly, **simulated}, resolved)
         for tier, ts in resolved.items():
             self.tiers[tier] = ts
             self.catalogue[tier] = list(ts.models)
@@ -228,6 +264,14 @@ class Runtime:
         self.accounts.start()
         await self.probe_all()
         self._monitor = asyncio.create_task(self._watch(), name="tier-health")
+        for tier, backend in self.backends.items():
+            if isinstance(backend, FederatedHPCBackend):
+                # A batch's lines for a cluster's model go as chunk jobs to the clusters.
+                self.batch_runners[tier] = HPCChunkRunner(
+                    tier, backend, self._model_on, lines_at_once=self.settings.batch.lines_at_once)
+        self.files = FileStore(self.store, server.data_dir)
+        self.batches = BatchService(self, self.store, self.files, self.settings.batch)
+        await self.batches.start()  # resumes the batches a previous run left unfinished
 
     def _judges(self) -> dict[str, Judge]:
         """Every judge this server can run, for requests that pick one (the web chat's
@@ -281,6 +325,9 @@ class Runtime:
                               self.windows.get(tier))
 
     async def stop(self) -> None:
+        batches = getattr(self, "batches", None)  # first: it still needs backends and store
+        if batches is not None:
+            await batches.stop()
         if self._monitor:
             self._monitor.cancel()
             try:
@@ -302,47 +349,80 @@ class Runtime:
             await self.store.close()
         for backend in self.backends.values():
             await backend.aclose()
+        for pool in self.pools:
+            await pool.stop()
         for plane in self.planes:
             await asyncio.to_thread(plane.shutdown)
-        if self.relay is not None:
-            await self.relay.stop()
+        for relay in self.relays:
+            await relay.stop()
         if self._sim_server:
             await self._sim_server.stop()
 
-    async def _warm(self, tier: str, plane: ControlPlane) -> None:
+    async def _warm(self, tier: str, cluster: Cluster) -> None:
         # A first job gets the workers started (Parsl launches them on demand, a Globus endpoint
-        # may be cold), so that the first user request does not pay for it unannounced.
+        # may be cold), so that the first user request does not pay for it unannounced; until
+        # it is done the cluster counts as starting.
         started = time.monotonic()
+        plane = cluster.plane
         try:
             await asyncio.wrap_future(plane.submit(ping))
         except Exception as e:
-            log.warning("tier %s: control plane %s failed its first job: %s", tier, plane.name, e)
-            self.mark_failed(tier, f"control plane failed its first job: {e}")
+            log.warning("tier %s, cluster %s: control plane %s failed its first job: %s", tier,
+                        cluster.name, plane.name, e)
+            cluster.plane_state = "failed"
+            cluster.detail = f"control plane failed its first job: {e}"
             return
-        log.info("tier %s: control plane %s ready in %.1f s", tier, plane.name,
-                 time.monotonic() - started)
+        cluster.plane_state = "ready"
+        log.info("tier %s, cluster %s: control plane %s ready in %.1f s", tier, cluster.name,
+                 plane.name, time.monotonic() - started)
 
-    async def _hpc_backend(self, tier: str, ts: TierSettings) -> HPCRelayBackend:
-        h = ts.hpc
-        assert h is not None and ts.base_url is not None
+    async def _hpc_backend(self, tier: str, ts: TierSettings) -> FederatedHPCBackend:
+        clusters = []
+        for name, cs in ts.cluster_settings().items():
+            clusters.append(await self._cluster(tier, name, cs))
+        federation = FederatedHPCBackend(tier, clusters)
+        for cluster in clusters:
+            cluster.pool.start()
+            self._warmups.append(asyncio.create_task(self._warm(tier, cluster),
+                                                     name=f"warm-{tier}-{cluster.name}"))
+        return federation
+
+    async def _cluster(self, tier: str, name: str, cs: ClusterSettings) -> Cluster:
+        assert cs.base_url is not None
         relay_url: str | None = None
         secret: bytes | None = None
-        if h.transport == "relay" and h.relay_url:
-            secret = _relay_secret(h.relay_secret_env, h.relay_secret_file)
-            relay_url = h.relay_url
-        elif h.transport == "relay":
+        relay = None
+        if cs.transport == "relay" and cs.relay_url:
+            secret = _relay_secret(cs.relay_secret_env, cs.relay_secret_file)
+            relay_url = cs.relay_url
+        elif cs.transport == "relay":
             # Tokens are minted and checked in this process, so a fresh secret will do.
             secret = os.urandom(32)
-            self.relay = await RelayServer(secret).start("127.0.0.1", 0)
-            relay_url = f"ws://127.0.0.1:{self.relay.port}"
-        plane = await asyncio.to_thread(make_control_plane, h, self.settings.server.data_dir)
+            relay = await RelayServer(secret).start("127.0.0.1", 0)
+            self.relays.append(relay)
+            self.relay = self.relay or relay
+            relay_url = f"ws://127.0.0.1:{relay.port}"
+        data_dir = self.settings.server.data_dir
+        if name != "default" and not cs.parsl.run_dir:
+            # Each cluster's Parsl engine keeps its own run directory.
+            cs = cs.model_copy(update={"parsl": cs.parsl.model_copy(update={
+                "run_dir": os.path.join(os.path.expanduser(data_dir), "parsl", name)})})
+        plane = await asyncio.to_thread(make_control_plane, cs, data_dir)
         self.planes.append(plane)
-        self._warmups.append(asyncio.create_task(self._warm(tier, plane), name=f"warm-{tier}"))
-        return HPCRelayBackend(
-            tier, IdempotentSubmitter(plane, ttl_s=h.idempotency_ttl_s), relay_url, secret,
-            ts.base_url, deadlines=h.deadlines, encrypt=h.encrypt, token_ttl_s=h.token_ttl_s,
-            transport=h.transport, api_key_env=ts.api_key_env, models=ts.models,
+        agents = cs.agents
+        if agents.max and relay_url is None:
+            log.warning("tier %s, cluster %s: agents need the relay; they are off", tier, name)
+            agents = agents.model_copy(update={"max": 0, "min_warm": 0})
+        pool = AgentPool(name, agents, plane, relay_url or "", secret or b"", cs.base_url,
+                         cs.api_key_env)
+        backend = HPCRelayBackend(
+            tier, IdempotentSubmitter(AgentFirstPlane(pool, plane), ttl_s=cs.idempotency_ttl_s),
+            relay_url, secret, cs.base_url, deadlines=cs.deadlines, encrypt=cs.encrypt,
+            token_ttl_s=cs.token_ttl_s, transport=cs.transport, api_key_env=cs.api_key_env,
+            models=cs.models,
         )
+        self.pools.append(pool)
+        return Cluster(name, cs, backend, pool, plane, relay)
 
     async def _autodetect(self, tier: str) -> TierSettings:
         if tier == "local" and self.settings.server.detect_ollama:
@@ -377,6 +457,13 @@ class Runtime:
     ) -> None:
         models: dict[str, SimModelSettings] = {}
         for tier, ts in simulated.items():
+            if ts.clusters:
+                # Each cluster without a backend of its own gets its models simulated.
+                for cs in ts.clusters.values():
+                    if cs.base_url is None:
+                        for name in cs.models or [f"sim-{tier}"]:
+                            models[name] = cs.simulator or ts.simulator or SIM_PROFILES[tier]
+                continue
             names = ts.models or [f"sim-{tier}"]
             spec = ts.simulator or SIM_PROFILES[tier]
             for name in names:
@@ -384,10 +471,17 @@ class Runtime:
             resolved[tier] = ts.model_copy(update={"models": names})
         self.simulator = Simulator(SimSettings(models=models))
         self._sim_server = ServerTask(self.simulator.app).start()
-        for tier in simulated:
-            resolved[tier] = resolved[tier].model_copy(
-                update={"base_url": f"{self._sim_server.url}/v1"}
-            )
+        url = f"{self._sim_server.url}/v1"
+        for tier, ts in simulated.items():
+            if ts.clusters:
+                clusters = {n: c if c.base_url else c.model_copy(update={
+                    "base_url": url, "models": c.models or [f"sim-{tier}"]})
+                    for n, c in ts.clusters.items()}
+                names = list(dict.fromkeys(m for c in clusters.values() for m in c.models))
+                resolved[tier] = resolved[tier].model_copy(update={
+                    "clusters": clusters, "models": ts.models or names})
+            else:
+                resolved[tier] = resolved[tier].model_copy(update={"base_url": url})
 
     async def probe_all(self) -> None:
         results = await asyncio.gather(*(b.probe() for b in self.backends.values()))
@@ -423,35 +517,42 @@ def preflight(settings: Settings) -> None:
     for name, ts in settings.tiers.items():
         if not (ts.enabled and ts.kind == "hpc" and ts.hpc):
             continue
-        h, where = ts.hpc, f"tiers.{name}"
-        remote = h.control_plane == "globus" or (
-            h.control_plane == "parsl" and h.parsl.provider != "local"
+        for cname, h in ts.cluster_settings().items():
+            # Where a setting lives: the tier itself, or one of its clusters.
+            where = f"tiers.{name}.clusters.{cname}" if ts.clusters else f"tiers.{name}"
+            sect = where if ts.clusters else f"{where}.hpc"
+            _preflight_cluster(h, where, sect)
+
+
+def _preflight_cluster(h: ClusterSettings, where: str, sect: str) -> None:
+    remote = h.control_plane == "globus" or (
+        h.control_plane == "parsl" and h.parsl.provider != "local"
+    )
+    if remote and not h.base_url:
+        raise ConfigError(
+            f"{where}.base_url: jobs on a cluster need the address of its vLLM as the "
+            "nodes reach it (only a control plane on this machine can use the simulator)"
         )
-        if remote and not ts.base_url:
+    if h.base_url and not h.models:
+        raise ConfigError(
+            f"{where}.models: list the models the cluster's vLLM serves; the gateway cannot "
+            "ask it, it is behind the cluster's firewall"
+        )
+    if remote and h.transport == "relay" and not h.relay_url:
+        raise ConfigError(
+            f"{sect}.relay_url: cluster nodes cannot reach a relay on this machine's "
+            "loopback; run `streamllm relay` where they can, or set transport: batch"
+        )
+    extra = {"parsl": ("parsl", "parsl"), "globus": ("globus_compute_sdk", "globus")}
+    if h.control_plane in extra:
+        module, name_of_extra = extra[h.control_plane]
+        if importlib.util.find_spec(module) is None:
             raise ConfigError(
-                f"{where}.base_url: jobs on a cluster need the address of its vLLM as the "
-                "nodes reach it (only a control plane on this machine can use the simulator)"
+                f"{sect}.control_plane {h.control_plane} needs the {module} package: "
+                f"pip install 'streamllm[{name_of_extra}]'"
             )
-        if ts.base_url and not ts.models:
-            raise ConfigError(
-                f"{where}.models: list the models the cluster's vLLM serves; the gateway cannot "
-                "ask it, it is behind the cluster's firewall"
-            )
-        if remote and h.transport == "relay" and not h.relay_url:
-            raise ConfigError(
-                f"{where}.hpc.relay_url: cluster nodes cannot reach a relay on this machine's "
-                "loopback; run `streamllm relay` where they can, or set hpc.transport: batch"
-            )
-        extra = {"parsl": ("parsl", "parsl"), "globus": ("globus_compute_sdk", "globus")}
-        if h.control_plane in extra:
-            module, name_of_extra = extra[h.control_plane]
-            if importlib.util.find_spec(module) is None:
-                raise ConfigError(
-                    f"{where}.hpc.control_plane {h.control_plane} needs the {module} package: "
-                    f"pip install 'streamllm[{name_of_extra}]'"
-                )
-        if h.transport == "relay" and h.relay_url:
-            _relay_secret(h.relay_secret_env, h.relay_secret_file)
+    if h.transport == "relay" and h.relay_url:
+        _relay_secret(h.relay_secret_env, h.relay_secret_file)
 
 
 def _relay_secret(env: str, path: str | None) -> bytes:

@@ -7,6 +7,7 @@ New tables (API keys, the usage ledger, ...) join this metadata and get their ow
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Double,
@@ -145,4 +146,77 @@ ui_sessions = Table(
     Column("key_id", String(32), nullable=True),
     Column("created_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
+)
+
+# Files uploaded through `POST /v1/files` (batch input) and made by batches (their output and
+# error files). The bytes live in `<server.data_dir>/files/<id>`; the name is metadata only.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("caller", String(NAME), nullable=True),
+    Column("purpose", String(32), nullable=False),  # batch | batch_output
+    Column("filename", String(NAME), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index("ix_files_caller_created_at", "caller", "created_at"),
+)
+
+# Batches (`POST /v1/batches`): OpenAI's batch object, who owns it, and which gateway process
+# runs it (`owner`, held until `lease_until` and renewed while it runs).
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("caller", String(NAME), nullable=True),
+    Column("key_id", String(32), nullable=True),
+    Column("rights", Text, nullable=False),  # JSON: the caller's limits, to resume with
+    Column("endpoint", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("meta", Text, nullable=True),  # JSON: the batch's `metadata`
+    Column("errors", Text, nullable=True),  # JSON: why validation failed
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Column("in_progress_at", Double, nullable=True),
+    Column("finalizing_at", Double, nullable=True),
+    Column("completed_at", Double, nullable=True),
+    Column("failed_at", Double, nullable=True),
+    Column("expired_at", Double, nullable=True),
+    Column("cancelling_at", Double, nullable=True),
+    Column("cancelled_at", Double, nullable=True),
+    Column("owner", String(64), nullable=True),
+    Column("lease_until", Double, nullable=True),
+    Index("ix_batches_caller_created_at", "caller", "created_at"),
+    Index(None, "status"),
+)
+
+# One row per line of a batch's input: where the line is in the input file, and its result
+# once it has one. A result is written only over `state = 'pending'`, so each custom_id gets
+# exactly one, however often its chunk is retried or the batch resumed.
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("custom_id", String(512), primary_key=True),
+    Column("line", Integer, nullable=False),  # 1-based, in the input file
+    Column("request_id", String(64), nullable=False),  # batch_req_...: the ledger's id too
+    Column("model", String(NAME), nullable=False),  # as the line names it
+    Column("byte_offset", BigInteger, nullable=False),  # where the line is in the input file
+    Column("byte_length", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | done
+    Column("status_code", Integer, nullable=True),  # none: the line got no response
+    Column("response", Text, nullable=True),  # JSON: chat.completion or error envelope
+    Column("error_code", String(64), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("tier", String(32), nullable=True),
+    Column("finished_at", Double, nullable=True),
+    Index("ix_batch_lines_batch_id_line", "batch_id", "line"),
 )

@@ -34,6 +34,8 @@ class Dispatch:
 
     idempotency_key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # Another tier would take the request if this one cannot start it now (a cold cluster).
+    may_fall_back: bool = False
 
 
 class Backend(Protocol):

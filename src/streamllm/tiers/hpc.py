@@ -115,7 +115,23 @@ class HPCRelayBackend:
         except Exception as e:  # the control plane is down or refused the job outright
             raise self._failed(f"control plane {self.submitter.plane.name} refused the job: "
                                f"{type(e).__name__}: {e}") from None
+        # A warm agent or a job of its own: the header says which (joined jobs keep theirs).
+        dispatch.headers["x-stream-dispatch"] = getattr(sub.future, "stream_via", "job")
         return sub.future, sub.args[0], sub.started
+
+    def new_channel(self) -> dict[str, Any]:
+        """A fresh relay channel for a job of another kind (a batch chunk): its id, key,
+        relay and producer token, ready to go in the job."""
+        channel = secrets.token_hex(16)
+        job: dict[str, Any] = {"channel": channel, "key": new_key() if self.encrypt else None}
+        if self.transport == "relay":
+            job["relay_url"] = self.relay_url
+            job["producer_token"] = mint(self._secret, channel, "producer", self._ttl)  # type: ignore[arg-type]
+        return job
+
+    async def dial(self, job: dict[str, Any]) -> RelayLink | None:
+        """The consumer's end of a job's channel; None when there is no relay to reach."""
+        return await self._dial(job)
 
     async def _dial(self, job: dict[str, Any]) -> RelayLink | None:
         if "relay_url" not in job:

@@ -1,0 +1,1 @@
+"""Cluster-side templates: Globus Compute endpoint engines, a vLLM job script, a config fragment."""

@@ -1,0 +1,381 @@
+"""Warm agents on one cluster, seen from the gateway: launch, route to, replace, scale, retire.
+
+An agent (hpc/agent.py) is a job started once through the cluster's control plane that keeps a
+relay channel of its own open and takes requests up that channel. `AgentFirstPlane` puts the
+pool in front of the control plane: a request goes to a ready agent with room, else it becomes
+a job of its own as before, so the HPC backend's streaming, deadlines and backstop work
+unchanged. The agent returns each request's complete result on its channel; that is the
+backstop for requests it serves.
+
+The pool's manager keeps `min_warm` agents, adds agents while the ready ones are busy
+(up to `max`), stops agents idle past `idle_timeout_s` above `min_warm`, and replaces each agent
+`replace_before_s` before its walltime: the replacement is launched first, the old agent is
+told to drain (it takes no new requests, finishes the ones it has) and then exits. No stream is
+dropped by a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamllm.config import AgentSettings
+from streamllm.errors import RelayError
+from streamllm.hpc.agent import run_agent
+from streamllm.hpc.batch_worker import run_batch_chunk
+from streamllm.hpc.control import ControlPlane
+from streamllm.hpc.worker import run_completion
+from streamllm.relay.client import RelayLink, dial
+from streamllm.relay.crypto import Opener, Sealer, new_key
+from streamllm.relay.frames import Direction, FrameType
+from streamllm.relay.tokens import mint
+
+log = logging.getLogger("streamllm.hpc")
+
+LOST_GRACE_S = 10.0  # after an agent's channel dies, its requests' own channels may still end
+MANAGE_EVERY_S = 0.5
+OVERFLOW_WINDOW_S = 10.0  # requests that found no room this recently ask for more agents
+# The work an agent can take, by the name it knows it by (hpc/agent.py).
+AGENT_WORK: dict[Callable[..., Any], str] = {run_completion: "completion",
+                                             run_batch_chunk: "batch_chunk"}
+
+
+class AgentLost(Exception):
+    """The agent serving a request went away before reporting its result."""
+
+
+@dataclass
+class Agent:
+    id: str
+    channel: str
+    sealer: Sealer
+    opener: Opener
+    launched_at: float
+    walltime_s: float
+    phase: str = "queued"  # queued | starting | ready | draining | gone
+    link: RelayLink | None = None
+    job: concurrent.futures.Future[Any] | None = None
+    ready_at: float | None = None
+    last_busy: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    requests: dict[str, concurrent.futures.Future[Any]] = field(default_factory=dict)
+    served: int = 0
+    replaced: bool = False  # a successor has been launched for it
+    pid: int | None = None  # its process on the node, as it said hello
+    host: str | None = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self.requests)
+
+
+class AgentPool:
+    def __init__(self, cluster: str, settings: AgentSettings, plane: ControlPlane,
+                 relay_url: str, secret: bytes, backend_url: str,
+                 api_key_env: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self.cluster = cluster
+        self.settings = settings
+        self.plane = plane
+        self.relay_url = relay_url
+        self._secret = secret
+        self.backend_url = backend_url
+        self.api_key_env = api_key_env
+        self.clock = clock
+        self.agents: dict[str, Agent] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._manager: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.launched = 0
+        self.startup_seconds: float | None = None  # launch to ready, smoothed: the wait estimate
+        self._overflow: deque[float] = deque()  # when requests found no agent with room
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.settings.max > 0
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._manager = asyncio.create_task(self._manage(), name=f"agents-{self.cluster}")
+
+    async def stop(self) -> None:
+        if self._manager is not None:
+            self._manager.cancel()
+            await asyncio.gather(self._manager, return_exceptions=True)
+        for agent in list(self.agents.values()):
+            await self._drain(agent)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for agent in self.agents.values():
+            if agent.link is not None:
+                await agent.link.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- what the gateway sees -------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = {"queued": 0, "starting": 0, "ready": 0, "draining": 0}
+        for a in self.agents.values():
+            if a.phase in out:
+                out[a.phase] += 1
+        return out
+
+    def ready(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.phase == "ready"]
+
+    def pick(self) -> Agent | None:
+        """The ready agent with the most room, or None when every ready agent is full."""
+        room = [a for a in self.ready() if a.inflight < self.settings.max_concurrency]
+        return min(room, key=lambda a: a.inflight) if room else None
+
+    def overflowed(self) -> None:
+        """A request found no ready agent with room (it became a job of its own)."""
+        self._overflow.append(self.clock())
+
+    def recent_overflow(self) -> int:
+        now = self.clock()
+        while self._overflow and now - self._overflow[0] > OVERFLOW_WINDOW_S:
+            self._overflow.popleft()
+        return len(self._overflow)
+
+    def estimated_wait_s(self) -> float:
+        return self.startup_seconds if self.startup_seconds is not None else 60.0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def dispatch(self, agent: Agent, job: dict[str, Any],
+                 fn: Callable[..., Any] = run_completion) -> concurrent.futures.Future[Any]:
+        """Send one request (or batch chunk) to `agent`; the future is its result, as a job's
+        would be."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        agent.requests[job["channel"]] = future
+        agent.last_busy = self.clock()
+        # Keys are bytes; on the wire (sealed) they travel as hex.
+        wire = {**job, "key": job["key"].hex() if job.get("key") else None}
+        message = json.dumps({"t": "job", "fn": AGENT_WORK[fn], "job": wire},
+                             separators=(",", ":")).encode()
+        frame = agent.sealer.seal(FrameType.DATA, message)
+        assert self._loop is not None and agent.link is not None
+        link = agent.link
+
+        async def send() -> None:
+            try:
+                await link.send(frame)
+            except RelayError as e:
+                self._settle(agent, job["channel"], error=AgentLost(str(e)))
+
+        self._loop.call_soon_threadsafe(lambda: self._spawn(send()))
+        return future
+
+    def _settle(self, agent: Agent, channel: str, result: dict[str, Any] | None = None,
+                error: Exception | None = None) -> None:
+        future = agent.requests.pop(channel, None)
+        agent.last_busy = self.clock()
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            agent.served += 1
+            future.set_result(result)
+
+    # -- launching and listening ----------------------------------------------------------------------
+    async def launch(self) -> Agent:
+        s = self.settings
+        channel = "agent-" + secrets.token_hex(12)
+        key = new_key()
+        # The agent's tokens must outlive it: it dials once, at start, whenever that is.
+        ttl = s.walltime_s + s.launch_timeout_s
+        spec = {
+            "agent_id": channel, "relay_url": self.relay_url, "channel": channel,
+            "producer_token": mint(self._secret, channel, "producer", ttl), "key": key,
+            "backend_url": self.backend_url, "api_key_env": self.api_key_env,
+            "max_concurrency": s.max_concurrency, "walltime_s": s.walltime_s,
+            "heartbeat_s": s.heartbeat_s, "backend_wait_s": s.backend_wait_s,
+        }
+        agent = Agent(channel, channel, Sealer(key, channel, Direction.UP),
+                      Opener(key, channel, Direction.DOWN, require_sealed=True),
+                      launched_at=self.clock(), walltime_s=s.walltime_s)
+        self.agents[agent.id] = agent
+        self.launched += 1
+        try:
+            agent.link = await dial(self.relay_url, channel, "consumer",
+                                    mint(self._secret, channel, "consumer", ttl), resume_from=0)
+            agent.job = await asyncio.to_thread(self.plane.submit, run_agent, spec)
+        except Exception as e:
+            log.warning("cluster %s: could not launch an agent: %s", self.cluster, e)
+            agent.phase = "gone"
+            self.agents.pop(agent.id, None)
+            if agent.link is not None:
+                await agent.link.close()
+            raise
+        self._spawn(self._listen(agent))
+        log.info("cluster %s: agent %s… launched", self.cluster, channel[6:14])
+        return agent
+
+    async def _listen(self, agent: Agent) -> None:
+        assert agent.link is not None
+        try:
+            async for frame in agent.link.frames():
+                ftype, payload = agent.opener.open(frame)
+                agent.last_seen = self.clock()
+                message = json.loads(payload) if payload else {}
+                kind = message.get("t")
+                if kind == "hello":
+                    agent.pid, agent.host = message.get("pid"), message.get("host")
+                if kind == "hello" and agent.phase in ("queued", "starting"):
+                    agent.phase = "ready" if message.get("phase") == "ready" else "starting"
+                    if agent.phase == "ready":
+                        agent.ready_at = self.clock()
+                        took = agent.ready_at - agent.launched_at
+                        self.startup_seconds = took if self.startup_seconds is None else (
+                            0.7 * self.startup_seconds + 0.3 * took)
+                        log.info("cluster %s: agent %s… ready in %.1f s", self.cluster,
+                                 agent.id[6:14], took)
+                elif kind == "done":
+                    self._settle(agent, message["channel"], result=message["result"])
+                elif kind == "refused":
+                    self._settle(agent, message["channel"],
+                                 error=AgentLost("the agent was draining"))
+                if ftype is FrameType.FINAL:
+                    break
+        except RelayError as e:
+            log.warning("cluster %s: agent %s… channel lost: %s", self.cluster, agent.id[6:14],
+                        e.message)
+        except Exception as e:  # a frame that does not open is an attack or a bug: drop it
+            log.warning("cluster %s: agent %s… sent a bad frame: %s", self.cluster,
+                        agent.id[6:14], type(e).__name__)
+        finally:
+            agent.phase = "gone"
+            self.agents.pop(agent.id, None)
+            if agent.requests:
+                # Their own channels may still finish them; if not, they fail, not hang.
+                self._spawn(self._fail_later(agent))
+
+    async def _fail_later(self, agent: Agent) -> None:
+        await asyncio.sleep(LOST_GRACE_S)
+        for channel in list(agent.requests):
+            self._settle(agent, channel, error=AgentLost("the agent went away"))
+
+    async def _drain(self, agent: Agent) -> None:
+        if agent.phase in ("gone", "draining") or agent.link is None:
+            return
+        agent.phase = "draining"
+        try:
+            await agent.link.send(agent.sealer.seal(FrameType.DATA, b'{"t":"drain"}'))
+        except RelayError:
+            pass
+
+    # -- the manager ---------------------------------------------------------------------------------
+    async def _manage(self) -> None:
+        while True:
+            try:
+                await self._adjust()
+            except Exception:
+                log.exception("cluster %s: managing agents failed", self.cluster)
+            await asyncio.sleep(MANAGE_EVERY_S)
+
+    def _live(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.phase in ("queued", "starting", "ready")]
+
+    def desired(self) -> int:
+        """Agents wanted now: enough ready room for what is in flight and waiting."""
+        s = self.settings
+        busy = sum(a.inflight for a in self._live()) + self.recent_overflow()
+        wanted = math.ceil(busy / s.max_concurrency) if busy else 0
+        return max(s.min_warm, min(s.max, wanted))
+
+    async def _adjust(self) -> None:
+        s, now = self.settings, self.clock()
+        for agent in list(self.agents.values()):
+            # An agent whose job ended, or that stopped beating, is gone: a process killed on
+            # its node leaves its relay channel open on our side, so silence is the signal.
+            silent = agent.phase in ("starting", "ready", "draining") and \
+                now - agent.last_seen > 3 * s.heartbeat_s
+            if (agent.job is not None and agent.job.done()) or silent:
+                if agent.link is not None:
+                    log.warning("cluster %s: agent %s… %s", self.cluster, agent.id[6:14],
+                                "stopped beating" if silent else "ended")
+                    await agent.link.close()  # its listener then retires it
+                continue
+            if agent.phase in ("queued", "starting") and now - agent.launched_at > \
+                    s.launch_timeout_s:
+                log.warning("cluster %s: agent %s… not ready after %.0f s; giving up on it",
+                            self.cluster, agent.id[6:14], now - agent.launched_at)
+                await self._drain(agent)
+                if agent.link is not None:
+                    await agent.link.close()
+            # Replace before the walltime ends: successor first, then drain the old one.
+            elif agent.phase == "ready" and now - agent.launched_at > \
+                    agent.walltime_s - s.replace_before_s and not agent.replaced:
+                agent.replaced = True
+                log.info("cluster %s: replacing agent %s… before its walltime", self.cluster,
+                         agent.id[6:14])
+                self._spawn(self._replace(agent))
+        live = self._live()
+        unreplaced = [a for a in live if not a.replaced]
+        if len(unreplaced) < self.desired():
+            self._spawn(self._launch_quietly())
+            return
+        # Scale down: an idle agent above min_warm, past the idle timeout.
+        ready = [a for a in self.ready() if not a.replaced]
+        if len(unreplaced) > max(s.min_warm, self.desired()):
+            idle = [a for a in ready if a.inflight == 0 and now - a.last_busy > s.idle_timeout_s]
+            if idle:
+                log.info("cluster %s: agent %s… idle; stopping it", self.cluster,
+                         idle[0].id[6:14])
+                await self._drain(idle[0])
+
+    async def _launch_quietly(self) -> None:
+        try:
+            await self.launch()
+        except Exception:
+            pass
+
+    async def _replace(self, old: Agent) -> None:
+        try:
+            new = await self.launch()
+        except Exception:
+            old.replaced = False
+            return
+        # Wait for the successor (or for the old one's end), then retire the old one.
+        while new.phase in ("queued", "starting") and old.phase == "ready":
+            await asyncio.sleep(MANAGE_EVERY_S)
+        await self._drain(old)
+
+
+class AgentFirstPlane:
+    """The control plane with the agent pool in front: requests go to a ready agent with room,
+    everything else (and every request when no agent is ready) to the control plane."""
+
+    def __init__(self, pool: AgentPool, plane: ControlPlane):
+        self.pool = pool
+        self.plane = plane
+        self.name = plane.name
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        if fn in AGENT_WORK and self.pool.enabled:
+            agent = self.pool.pick()
+            if agent is not None:
+                future = self.pool.dispatch(agent, args[0], fn)
+                future.stream_via = "agent"  # type: ignore[attr-defined]
+                return future
+            self.pool.overflowed()
+        return self.plane.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self.plane.shutdown()

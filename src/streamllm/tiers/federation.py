@@ -1,0 +1,214 @@
+"""The `hpc` tier as a federation: several clusters behind one model namespace.
+
+Each cluster has its own control plane, relay, models and (optionally) warm agents. A request
+for a model goes to a cluster that serves it, chosen by state (ready before starting before
+queued; offline last), recent failure and load (requests in flight). If a cluster fails before
+the first token, the next one takes over, invisibly to the client; after it, the stream ends
+with an error event as on any tier.
+
+While no cluster for the model is ready, the cluster's `cold_start` setting decides: `fallback`
+fails over at once (the router moves to the next tier, reason `fallback:hpc-starting`), `wait`
+sends the request anyway (an agent or job queues for it within the deadlines) and says where
+it stands in `x-stream-queue-position` and `x-stream-estimated-wait-s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamllm.config import ClusterSettings
+from streamllm.errors import BackendFailed, BackendRejected, ContextTooLong
+from streamllm.hpc.control import ControlPlane
+from streamllm.relay.server import RelayServer
+from streamllm.tiers.agents import AgentPool
+from streamllm.tiers.base import Chunk, Dispatch, ProbeResult
+from streamllm.tiers.hpc import HPCRelayBackend
+from streamllm.tiers.openai_http import has_output
+
+STATE_RANK = {"ready": 0, "starting": 1, "queued": 2, "offline": 3}
+FAILED_FOR_S = 10.0  # a cluster that just failed is tried after the others for this long
+
+
+class ClusterStarting(BackendFailed):
+    """No cluster serving the model is ready yet, and the policy is not to wait."""
+
+    code = "tier_starting"
+    reason = "starting"
+
+
+@dataclass
+class Cluster:
+    name: str
+    settings: ClusterSettings
+    backend: HPCRelayBackend
+    pool: AgentPool
+    plane: ControlPlane
+    relay: RelayServer | None = None  # its in-process relay, when it has no relay_url
+    plane_state: str = "starting"  # starting (its first job is running) | ready | failed
+    relay_ok: bool = True  # its relay answered the last health probe
+    detail: str = ""
+    inflight: int = 0
+    waiting: int = 0  # requests sent while it was not ready (its queue)
+    failed_at: float | None = None
+    served: int = 0
+
+    @property
+    def models(self) -> list[str]:
+        return self.backend.models
+
+    def state(self) -> str:
+        if self.plane_state == "failed" or not self.relay_ok:
+            return "offline"
+        if self.pool.enabled:
+            # With agents, an agent saying ready is the proof that the cluster's backend
+            # (which may take many minutes to load a model) answers.
+            if self.pool.ready():
+                return "ready"
+            counts = self.pool.counts()
+            return "queued" if counts["queued"] and not counts["starting"] else "starting"
+        return "ready" if self.plane_state == "ready" else "starting"
+
+    def recently_failed(self) -> bool:
+        return self.failed_at is not None and time.monotonic() - self.failed_at < FAILED_FOR_S
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "state": self.state(),
+                               "inflight": self.inflight, "control_plane": self.plane.name,
+                               "agents": self.pool.counts()}
+        if self.state() != "ready":
+            out["queue_position"] = self.waiting
+            out["estimated_wait_s"] = round(self.pool.estimated_wait_s())
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass
+class FederatedHPCBackend:
+    tier: str
+    clusters: list[Cluster]
+    name: str = ""
+    models: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = (f"{len(self.clusters)} clusters: " if len(self.clusters) > 1 else "") + \
+            ", ".join(f"{c.name} ({c.backend.name})" for c in self.clusters)
+        self.models = list(dict.fromkeys(m for c in self.clusters for m in c.models))
+
+    # -- placement ---------------------------------------------------------------------------
+    def serving(self, model: str) -> list[Cluster]:
+        return [c for c in self.clusters if model in c.models]
+
+    def candidates(self, model: str) -> list[Cluster]:
+        return sorted(self.serving(model), key=lambda c: (
+            STATE_RANK[c.state()], c.recently_failed(), c.inflight))
+
+    def model_state(self, model: str) -> str:
+        found = self.serving(model)
+        return min((c.state() for c in found), key=STATE_RANK.__getitem__) if found \
+            else "offline"
+
+    def endpoints(self, model: str) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.serving(model)]
+
+    def _plan(self, model: str, dispatch: Dispatch) -> list[Cluster]:
+        ordered = self.candidates(model)
+        if not ordered:
+            raise BackendFailed(f"{self.tier}: no cluster serves {model}", tier=self.tier)
+        ready = [c for c in ordered if c.state() == "ready"]
+        if ready:
+            return ready + [c for c in ordered if c not in ready and c.state() != "offline"]
+        # A cold cluster is waited for when its policy says so, or when nothing else could
+        # take the request anyway.
+        waiting = [c for c in ordered if c.state() != "offline"
+                   and (c.settings.cold_start == "wait" or not dispatch.may_fall_back)]
+        if not waiting:
+            first = ordered[0]
+            raise ClusterStarting(
+                f"{self.tier}: no cluster serving {model} is ready ({first.name} is "
+                f"{first.state()}, about {round(first.pool.estimated_wait_s())} s)",
+                tier=self.tier)
+        first = waiting[0]
+        dispatch.headers["x-stream-queue-position"] = str(first.waiting + 1)
+        dispatch.headers["x-stream-estimated-wait-s"] = str(round(
+            first.pool.estimated_wait_s()))
+        return waiting
+
+    # -- requests -----------------------------------------------------------------------------
+    async def stream(self, body: dict[str, Any],
+                     dispatch: Dispatch | None = None) -> AsyncIterator[list[Chunk]]:
+        dispatch = dispatch or Dispatch()
+        failures: list[str] = []
+        for cluster in self._plan(body.get("model", ""), dispatch):
+            cold = cluster.state() != "ready"
+            cluster.inflight += 1
+            cluster.waiting += cold
+            stream = cluster.backend.stream(body, dispatch)
+            held: list[Chunk] = []
+            try:
+                try:
+                    async for batch in stream:
+                        held.extend(batch)
+                        if any(has_output(chunk.data) for chunk in batch):
+                            break
+                except (BackendRejected, ContextTooLong):
+                    raise  # the request itself is at fault: another cluster will not help
+                except BackendFailed as e:
+                    cluster.failed_at = time.monotonic()
+                    failures.append(f"{cluster.name}: {e.message}")
+                    continue
+                finally:
+                    cluster.waiting -= cold
+                dispatch.headers["x-stream-cluster"] = cluster.name
+                cluster.failed_at = None
+                cluster.served += 1
+                if held:
+                    yield held
+                async for batch in stream:
+                    yield batch
+                return
+            finally:
+                cluster.inflight -= 1
+                await stream.aclose()
+        raise BackendFailed(f"{self.tier}: every cluster failed: " + "; ".join(failures),
+                            tier=self.tier)
+
+    async def complete(self, body: dict[str, Any],
+                       dispatch: Dispatch | None = None) -> dict[str, Any]:
+        dispatch = dispatch or Dispatch()
+        failures: list[str] = []
+        for cluster in self._plan(body.get("model", ""), dispatch):
+            cluster.inflight += 1
+            try:
+                result = await cluster.backend.complete(body, dispatch)
+            except (BackendRejected, ContextTooLong):
+                raise
+            except BackendFailed as e:
+                cluster.failed_at = time.monotonic()
+                failures.append(f"{cluster.name}: {e.message}")
+                continue
+            finally:
+                cluster.inflight -= 1
+            dispatch.headers["x-stream-cluster"] = cluster.name
+            cluster.failed_at = None
+            cluster.served += 1
+            return result
+        raise BackendFailed(f"{self.tier}: every cluster failed: " + "; ".join(failures),
+                            tier=self.tier)
+
+    async def probe(self) -> ProbeResult:
+        results = await asyncio.gather(*(c.backend.probe() for c in self.clusters))
+        for cluster, result in zip(self.clusters, results, strict=True):
+            cluster.detail = result.detail
+            cluster.relay_ok = result.ok
+        ok = any(r.ok for r in results)
+        detail = "; ".join(f"{c.name}: {c.state()}" for c in self.clusters)
+        return ProbeResult(ok=ok, detail=detail, models=self.models,
+                           latency_ms=max(r.latency_ms for r in results))
+
+    async def aclose(self) -> None:
+        pass  # the runtime owns control planes, relays and agent pools

@@ -1,0 +1,395 @@
+"""Several simulated clusters behind one gateway: placement by model, failover, load spreading,
+warm agents (replacement at walltime, scaling) and cold starts made visible.
+
+Each cluster has its own control plane (separate Parsl engines, or a process pool), its own
+in-process relay and its own simulator standing in for its vLLM, with different models and
+speeds. Everything is driven with the `openai` SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from streamllm.config import Settings
+from streamllm.gateway import create_app
+from streamllm.serving import ServerThread
+from streamllm.sim.content import answer_text
+
+
+def ask(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def stream_text(url: str, model: str, messages) -> tuple[str, dict]:
+    raw = client(url).chat.completions.with_raw_response.create(
+        model=model, messages=messages, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    return text, dict(raw.headers)
+
+
+def until(condition, timeout: float, what: str) -> None:
+    """Poll a condition of the running system (not a sleep standing in for synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def on_loop(server, coro, timeout: float = 30.0):
+    return asyncio.run_coroutine_threadsafe(coro, server.loop).result(timeout)
+
+
+class Gateway:
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+        self.url = server.url
+
+    @property
+    def runtime(self):
+        return self.app.state.runtime
+
+    def cluster(self, name: str):
+        return next(c for c in self.runtime.backends["hpc"].clusters if c.name == name)
+
+
+def start(clusters: dict, tmp, **extra) -> tuple[Gateway, ServerThread]:
+    settings = Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(tmp)},
+        "tiers": {"hpc": {"kind": "hpc", "clusters": clusters}, **extra.pop("tiers", {})},
+        **extra,
+    })
+    app = create_app(settings)
+    server = ServerThread(app).start(timeout=120)
+    return Gateway(app, server), server
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """alpha (Parsl): llama-70b and mistral-7b; beta (another Parsl engine): llama-70b,
+    slower; gamma (a process pool): qwen-32b."""
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    sims = {
+        "alpha": Simulator(SimSettings(models={
+            "llama-70b": SimModelSettings(answer_tokens=20, tokens_per_s=100),
+            "mistral-7b": SimModelSettings(answer_tokens=12)})),
+        "beta": Simulator(SimSettings(models={
+            "llama-70b": SimModelSettings(answer_tokens=20, tokens_per_s=50)})),
+        "gamma": Simulator(SimSettings(models={
+            "qwen-32b": SimModelSettings(answer_tokens=16)})),
+    }
+    servers = {n: ServerThread(s.app).start() for n, s in sims.items()}
+    planes = {"alpha": {"control_plane": "parsl", "parsl": {"max_workers": 8}},
+              "beta": {"control_plane": "parsl", "parsl": {"max_workers": 8}},
+              "gamma": {"control_plane": "local", "local_workers": 4}}
+    clusters = {n: {"base_url": f"{servers[n].url}/v1", "models": list(sims[n].settings.models),
+                    **planes[n]} for n in sims}
+    gw, server = start(clusters, tmp_path_factory.mktemp("fed"))
+    until(lambda: all(c.state() == "ready" for c in gw.runtime.backends["hpc"].clusters), 120,
+          "every cluster to be ready")
+    yield gw, sims
+    server.stop()
+    for s in servers.values():
+        s.stop()
+
+
+def test_models_are_listed_once_with_the_clusters_behind_them(federation):
+    gw, _ = federation
+    models = httpx.get(f"{gw.url}/v1/models", timeout=10).json()["data"]
+    ids = [m["id"] for m in models if m["id"].startswith("hpc/")]
+    assert sorted(ids) == ["hpc/llama-70b", "hpc/mistral-7b", "hpc/qwen-32b"]
+    llama = httpx.get(f"{gw.url}/v1/models/hpc/llama-70b", timeout=10).json()
+    assert llama["state"] == "ready"
+    assert sorted(e["name"] for e in llama["endpoints"]) == ["alpha", "beta"]
+    assert all(e["state"] == "ready" for e in llama["endpoints"])
+
+
+@pytest.mark.parametrize("model, cluster", [("qwen-32b", "gamma"), ("mistral-7b", "alpha")])
+def test_a_request_goes_to_a_cluster_that_serves_its_model(federation, model, cluster):
+    gw, sims = federation
+    messages = ask(f"which cluster serves {model}?")
+    text, headers = stream_text(gw.url, f"hpc/{model}", messages)
+    assert headers["x-stream-cluster"] == cluster
+    assert headers["x-stream-transport"] == "relay"
+    assert text == answer_text(model, messages, sims[cluster].settings.models[model]
+                               .answer_tokens)
+
+
+def test_fifty_concurrent_streams_spread_over_both_clusters(federation):
+    gw, sims = federation
+    before = {n: len(sims[n].requests_for("llama-70b")) for n in ("alpha", "beta")}
+
+    def one(i: int) -> str:
+        messages = ask(f"stream number {i}")
+        text, headers = stream_text(gw.url, "hpc/llama-70b", messages)
+        assert text == answer_text("llama-70b", messages, 20), i
+        return headers["x-stream-cluster"]
+
+    with ThreadPoolExecutor(50) as pool:
+        served = list(pool.map(one, range(50)))
+    counts = {n: served.count(n) for n in ("alpha", "beta")}
+    assert counts["alpha"] + counts["beta"] == 50
+    assert min(counts.values()) >= 10, counts
+    after = {n: len(sims[n].requests_for("llama-70b")) - before[n] for n in ("alpha", "beta")}
+    assert after == counts, "each stream reached exactly one cluster's backend"
+
+
+def batch_file(lines: list[dict]) -> bytes:
+    import json
+
+    return "\n".join(json.dumps(line) for line in lines).encode()
+
+
+def wait_batch(sdk: openai.OpenAI, batch_id: str, timeout: float = 180):
+    batch = sdk.batches.retrieve(batch_id)
+    deadline = time.monotonic() + timeout
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.1)
+        batch = sdk.batches.retrieve(batch_id)
+    return batch
+
+
+def test_a_batch_of_a_thousand_lines_is_split_across_clusters(federation):
+    import json
+
+    gw, sims = federation
+    sdk = client(gw.url)
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "hpc/llama-70b", "messages": ask(f"batch question {i}")}}
+             for i in range(1000)]
+    # Per-line errors: a body the cluster's vLLM rejects, and an invalid chat request.
+    lines.append({"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "hpc/llama-70b", "messages": ask("x"), "n": 0}})
+    upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+    runner = gw.runtime.batch_runners["hpc"]
+    placed_before = dict(runner.placed)
+    before = {n: len(sims[n].requests_for("llama-70b")) for n in ("alpha", "beta")}
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    batch = wait_batch(sdk, batch.id)
+    assert batch.status == "completed"
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (1001, 1000, 1)
+    out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in out) == sorted(f"q{i}" for i in range(1000))
+    for r in out:
+        i = int(r["custom_id"][1:])
+        body = r["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == answer_text(
+            "llama-70b", ask(f"batch question {i}"), 20)
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad-model"]
+    placed = {n: runner.placed.get(n, 0) - placed_before.get(n, 0) for n in ("alpha", "beta")}
+    assert placed["alpha"] > 0 and placed["beta"] > 0, placed
+    ran = {n: len(sims[n].requests_for("llama-70b")) - before[n] for n in ("alpha", "beta")}
+    assert sum(ran.values()) == 1000, "every line ran once, on one cluster"
+
+
+def test_a_batch_on_the_clusters_can_be_cancelled(federation):
+    gw, sims = federation
+    sdk = client(gw.url)
+    for sim in (sims["alpha"], sims["beta"]):
+        sim.settings.models["llama-70b"].tokens_per_s = 4  # five seconds a line
+    try:
+        lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "hpc/llama-70b", "messages": ask(f"slow {i}")}}
+                 for i in range(300)]
+        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        until(lambda: any(r.outcome == "running" for s in (sims["alpha"], sims["beta"])
+                          for r in s.requests_for("llama-70b")), 60, "lines to be running")
+        sdk.batches.cancel(batch.id)
+        batch = wait_batch(sdk, batch.id)
+        assert batch.status == "cancelled"
+        assert batch.request_counts.completed < 300
+        # The backend requests in flight were aborted, and nothing new started.
+        until(lambda: all(r.outcome != "running" for s in (sims["alpha"], sims["beta"])
+                          for r in s.requests_for("llama-70b")), 30, "requests to end")
+        aborted = [r for s in (sims["alpha"], sims["beta"]) for r in s.requests_for("llama-70b")
+                   if r.body["messages"][0]["content"].startswith("slow")
+                   and r.outcome == "cancelled"]
+        assert aborted, "the lines running at cancel time were aborted on the backend"
+        count = sum(1 for s in (sims["alpha"], sims["beta"]) for r in s.requests_for("llama-70b")
+                    if r.body["messages"][0]["content"].startswith("slow"))
+        assert count < 300
+    finally:
+        for sim in (sims["alpha"], sims["beta"]):
+            sim.settings.models["llama-70b"].tokens_per_s = 50
+
+
+def test_a_cluster_whose_relay_dies_is_avoided(federation):
+    # Last in this module: alpha stays without its relay.
+    gw, sims = federation
+    alpha = gw.cluster("alpha")
+    on_loop(gw.server, alpha.relay.stop())
+    on_loop(gw.server, gw.runtime.probe_all())
+    assert alpha.state() == "offline"
+    llama = httpx.get(f"{gw.url}/v1/models/hpc/llama-70b", timeout=10).json()
+    states = {e["name"]: e["state"] for e in llama["endpoints"]}
+    assert states == {"alpha": "offline", "beta": "ready"}
+    for i in range(5):
+        messages = ask(f"after the relay died {i}")
+        text, headers = stream_text(gw.url, "hpc/llama-70b", messages)
+        assert headers["x-stream-cluster"] == "beta"
+        assert text == answer_text("llama-70b", messages, 20)
+
+
+# -- warm agents ----------------------------------------------------------------------------
+
+
+def agent_gateway(tmp, plane: dict, agents: dict, sim_spec: dict, **extra):
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(**sim_spec)}))
+    sim_server = ServerThread(sim.app).start()
+    gw, server = start({"a": {"base_url": f"{sim_server.url}/v1", "models": ["m"], **plane,
+                              "agents": {"heartbeat_s": 1, **agents}}}, tmp, **extra)
+    return gw, server, sim, sim_server
+
+
+def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 6},
+        {"min_warm": 1, "max": 2, "max_concurrency": 4, "walltime_s": 8, "replace_before_s": 5},
+        {"answer_tokens": 30, "tokens_per_s": 30})
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready(), 60, "a warm agent")
+        first = pool.ready()[0]
+        results = []
+
+        def one(i: int) -> tuple[str, str]:
+            messages = ask(f"through the agent {i}")
+            text, headers = stream_text(gw.url, "hpc/m", messages)
+            assert text == answer_text("m", messages, 30), i
+            return headers["x-stream-dispatch"], headers["x-stream-transport"]
+
+        # Streams of about a second each, four at a time, for as long as it takes the first
+        # agent to be replaced (at 3 s of its 8 s walltime) and retire.
+        with ThreadPoolExecutor(4) as workers:
+            while first.phase != "gone" and len(results) < 200:
+                results += list(workers.map(one, range(len(results), len(results) + 4)))
+        assert first.phase == "gone" and pool.launched >= 2
+        assert ("agent", "relay") in results
+        assert all(r[1] == "relay" for r in results)
+        # Every stream arrived whole (checked in `one`), none was cut by the replacement.
+        assert first.served > 0
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
+def test_agents_scale_up_under_a_burst_and_down_when_idle(tmp_path):
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 8},
+        {"min_warm": 1, "max": 3, "max_concurrency": 2, "idle_timeout_s": 1,
+         "walltime_s": 600, "replace_before_s": 60},
+        {"answer_tokens": 40, "tokens_per_s": 20})
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: len(pool.ready()) == 1, 60, "the one warm agent")
+
+        def one(i: int) -> str:
+            messages = ask(f"burst {i}")
+            text, headers = stream_text(gw.url, "hpc/m", messages)
+            assert text == answer_text("m", messages, 40)
+            return headers["x-stream-dispatch"]
+
+        with ThreadPoolExecutor(10) as workers:
+            burst = [workers.submit(one, i) for i in range(10)]
+            until(lambda: len(pool.ready()) == 3, 60, "the pool to grow to its maximum")
+            served = [f.result(timeout=120) for f in burst]
+        assert "agent" in served
+        until(lambda: len(pool.ready()) == 1, 60, "idle agents to be stopped")
+        assert pool.launched == 3
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
+def test_a_killed_agent_is_replaced_and_requests_still_complete(tmp_path):
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "parsl", "parsl": {"max_workers": 4, "heartbeat_s": 1}},
+        {"min_warm": 1, "max": 1, "max_concurrency": 8, "walltime_s": 600,
+         "replace_before_s": 60},
+        {"answer_tokens": 10})
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready() and pool.ready()[0].pid, 120, "a warm agent")
+        victim = pool.ready()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        until(lambda: victim.phase == "gone", 30, "the gateway to notice")
+        # Meanwhile requests are jobs of their own; then a new agent takes over.
+        messages = ask("while the agent is gone")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 10)
+        until(lambda: pool.ready() and pool.ready()[0] is not victim, 120, "a new agent")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert headers["x-stream-dispatch"] == "agent"
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
+# -- cold starts ----------------------------------------------------------------------------
+
+
+def test_a_starting_cluster_is_visible_and_auto_moves_on(tmp_path, start_sim):
+    """The cluster's vLLM is not up yet: its agent waits for it, the cluster says it is
+    starting, and `auto` requests go to another tier meanwhile."""
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    local = start_sim({"local-m": {"answer_tokens": 4}})
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=6)}))
+    sim_server = ServerThread(sim.app)  # bound, not yet serving: the vLLM still loading
+    settings = Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(tmp_path)},
+        "tiers": {
+            "hpc": {"kind": "hpc", "clusters": {"a": {
+                "base_url": f"{sim_server.url}/v1", "models": ["m"],
+                "control_plane": "local", "local_workers": 2,
+                "agents": {"min_warm": 1, "max": 1, "heartbeat_s": 1}}}},
+            "local": {"kind": "vllm", "base_url": local.url, "models": ["local-m"]},
+            "cloud": {"enabled": False}},
+        "routing": {"tier_for": {"LOW": "hpc", "MEDIUM": "hpc", "HIGH": "hpc"},
+                    "fallback": {"LOW": ["local"], "MEDIUM": ["local"], "HIGH": ["local"]}},
+    })
+    app = create_app(settings)
+    with ServerThread(app) as server:
+        cluster = app.state.runtime.backends["hpc"].clusters[0]
+        # The agent is launched and says it is starting: it waits for the backend.
+        until(lambda: cluster.pool.counts()["starting"] == 1, 60, "the agent to start")
+        card = httpx.get(f"{server.url}/v1/models/hpc/m", timeout=10).json()
+        assert card["state"] == "starting"
+        endpoint = card["endpoints"][0]
+        assert endpoint["state"] == "starting" and endpoint["estimated_wait_s"] > 0
+        assert "queue_position" in endpoint
+        raw = client(server.url).chat.completions.with_raw_response.create(
+            model="auto", messages=ask("hello there"))
+        assert raw.headers["x-stream-tier"] == "local"
+        assert "fallback:hpc-starting" in raw.headers["x-stream-route-reason"]
+        # The backend comes up: the agent says it is ready and the cluster serves again.
+        sim_server.start()
+        until(lambda: cluster.state() == "ready", 60, "the cluster to be ready")
+        raw = client(server.url).chat.completions.with_raw_response.create(
+            model="hpc/m", messages=ask("hello there"))
+        assert raw.headers["x-stream-dispatch"] == "agent"
+    sim_server.stop()
