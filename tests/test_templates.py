@@ -323,3 +323,25 @@ def test_vllm_launch_refuses_an_empty_key_file(launch_env, tmp_path):
                           timeout=60, check=False)
     assert done.returncode == 1 and "is empty" in done.stderr
     assert not (tmp_path / "fake.argv").exists()  # vLLM never started
+
+
+def test_streamllm_cluster_templates_copies_them(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("streamllm"))
+    listed = subprocess.run([exe, "cluster", "templates"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0 and "vllm-launch.sh" in listed.stdout
+    out = tmp_path / "site"
+    copied = subprocess.run([exe, "cluster", "templates", "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert copied.returncode == 0, copied.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["globus-endpoint-pbs.yaml", "globus-endpoint-slurm.yaml",
+                     "stream-clusters.yaml", "vllm-launch.sh"]
+    assert (out / "vllm-launch.sh").stat().st_mode & 0o100, "the script stays executable"
+    again = subprocess.run([exe, "cluster", "templates", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert "kept" in again.stderr

@@ -15,6 +15,7 @@ import yaml
 
 from streamllm.config import ServerSettings, SimSettings, load_settings
 from streamllm.errors import ConfigError
+from streamllm.cluster_cli import cluster_app
 from streamllm.judge_cli import judge_app
 from streamllm.keys_cli import keys_app
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(judge_app, name="judge")
 app.add_typer(keys_app, name="keys")
+app.add_typer(cluster_app, name="cluster")
 
 ConfigOption = Annotated[
     Optional[Path],
