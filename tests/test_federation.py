@@ -377,6 +377,10 @@ def test_a_starting_cluster_is_visible_and_auto_moves_on(tmp_path, start_sim):
         cluster = app.state.runtime.backends["hpc"].clusters[0]
         # The agent is launched and says it is starting: it waits for the backend.
         until(lambda: cluster.pool.counts()["starting"] == 1, 60, "the agent to start")
+        # An agent waiting for its backend keeps beating, and is not taken for lost.
+        waiting = next(iter(cluster.pool.agents.values()))
+        until(lambda: waiting.beats >= 4, 30, "the waiting agent's beats")
+        assert cluster.pool.launched == 1 and waiting.phase == "starting"
         card = httpx.get(f"{server.url}/v1/models/hpc/m", timeout=10).json()
         assert card["state"] == "starting"
         endpoint = card["endpoints"][0]

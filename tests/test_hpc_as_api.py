@@ -133,3 +133,18 @@ def test_serving_beyond_loopback_needs_keys_and_is_allowed_with_them(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_profile_starts_with_a_key_made_in_the_store(tmp_path):
+    made = subprocess.run(
+        [STREAMLLM, "keys", "create", "--name", "lab"], capture_output=True, text=True,
+        timeout=60, env=clean_env(STREAMLLM_SERVER__DATA_DIR=str(tmp_path)))
+    assert made.returncode == 0, made.stderr
+    app = create_app(profile(tmp_path))
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=made.stdout.strip(),
+                               max_retries=0)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope",
+                          max_retries=0).models.list()

@@ -115,7 +115,12 @@ class HPCChunkRunner:
                 except RelayError as e:
                     log.warning("batch %s chunk on %s: relay lost (%s); taking results from "
                                 "the job", chunk.batch_id, cluster.name, e.message)
-            outcome = await result
+            try:
+                outcome = await asyncio.wait_for(result, backend.deadlines.total)
+            except TimeoutError:
+                log.warning("batch %s chunk on %s: no result in %.0f s", chunk.batch_id,
+                            cluster.name, backend.deadlines.total)
+                return  # the lines without results are retried by the batch service
             for line in outcome.get("results") or ():
                 if line["custom_id"] in wanted and line["custom_id"] not in seen:
                     seen.add(line["custom_id"])

@@ -28,6 +28,8 @@ from streamllm.gateway.chat import ChatHandler
 from streamllm.gateway.middleware import RequestContext
 from streamllm.gateway.runtime import Runtime, preflight
 from streamllm.protocol.models import ModelCard, ModelList
+from streamllm.store import default_url
+from streamllm.store.keys import keys_were_made
 from streamllm.tiers.federation import FederatedHPCBackend
 
 
@@ -76,6 +78,11 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
     return cards
 
 
+def _stored_keys(settings: Settings) -> bool:
+    server = settings.server
+    return keys_were_made(server.database_url or default_url(server.data_dir))
+
+
 def _introspector(settings: Settings) -> TokenIntrospector | None:
     oauth = settings.server.oauth
     if oauth is None:
@@ -96,12 +103,14 @@ def _introspector(settings: Settings) -> TokenIntrospector | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     api_keys = settings.server.load_api_keys()
-    if settings.server.profile == "hpc-as-api" and not api_keys:
-        raise ConfigError(
-            "server.profile hpc-as-api requires API keys (server.api_keys or "
-            "server.api_keys_file): it is meant to be reached by other people"
-        )
     preflight(settings)
+    if settings.server.profile == "hpc-as-api" and not api_keys and \
+            settings.server.oauth is None and not _stored_keys(settings):
+        raise ConfigError(
+            "server.profile hpc-as-api requires API keys (`streamllm keys create`, "
+            "server.api_keys or server.api_keys_file, or server.oauth): it is meant to be "
+            "reached by other people"
+        )
     runtime = Runtime(settings)
     introspector = _introspector(settings)
     auth = Authenticator(settings.server, lambda: runtime.store, introspector)

@@ -56,6 +56,8 @@ from streamllm.tiers.hpc import HPCRelayBackend
 
 log = logging.getLogger("streamllm.gateway")
 
+WARM_RETRY_S = 10.0  # a control plane that failed its warm-up job is tried again after...
+WARM_RETRY_MAX_S = 300.0  # ...a pause that doubles up to this
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_DEFAULT_MODEL = "openai/gpt-4o-mini"
 
@@ -232,8 +234,11 @@ class Runtime:
             )
             self.health[tier] = TierHealth()
             if ts.kind == "hpc":
-                cluster = "the simulator" if tier in self.sim_tiers else ts.base_url
-                where = f"{self.backends[tier].name}, cluster backend {cluster}"
+                backends = ", ".join(
+                    f"{name}: " + ("the simulator" if cs.base_url is None
+                                   or tier in self.sim_tiers else cs.base_url)
+                    for name, cs in ts.cluster_settings().items())
+                where = f"{self.backends[tier].name}; cluster backends {backends}"
             else:
                 where = "simulator" if tier in self.sim_tiers else f"{ts.kind} at {ts.base_url}"
             log.info(
@@ -364,14 +369,20 @@ class Runtime:
         # it is done the cluster counts as starting.
         started = time.monotonic()
         plane = cluster.plane
-        try:
-            await asyncio.wrap_future(plane.submit(ping))
-        except Exception as e:
-            log.warning("tier %s, cluster %s: control plane %s failed its first job: %s", tier,
-                        cluster.name, plane.name, e)
-            cluster.plane_state = "failed"
-            cluster.detail = f"control plane failed its first job: {e}"
-            return
+        wait = WARM_RETRY_S
+        while True:
+            try:
+                await asyncio.wrap_future(plane.submit(ping))
+                break
+            except Exception as e:
+                # Offline until a job gets through again: tried again with a growing pause,
+                # so a control plane that recovers brings the cluster back without a restart.
+                log.warning("tier %s, cluster %s: control plane %s failed a job: %s; trying "
+                            "again in %.0f s", tier, cluster.name, plane.name, e, wait)
+                cluster.plane_state = "failed"
+                cluster.detail = f"control plane failed its job: {e}"
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, WARM_RETRY_MAX_S)
         cluster.plane_state = "ready"
         log.info("tier %s, cluster %s: control plane %s ready in %.1f s", tier, cluster.name,
                  plane.name, time.monotonic() - started)
@@ -552,15 +563,15 @@ def _preflight_cluster(h: ClusterSettings, where: str, sect: str) -> None:
                 f"pip install 'streamllm[{name_of_extra}]'"
             )
     if h.transport == "relay" and h.relay_url:
-        _relay_secret(h.relay_secret_env, h.relay_secret_file)
+        _relay_secret(h.relay_secret_env, h.relay_secret_file, sect)
 
 
-def _relay_secret(env: str, path: str | None) -> bytes:
+def _relay_secret(env: str, path: str | None, where: str = "tiers.hpc.hpc") -> bytes:
     if path:
         try:
             secret = open(os.path.expanduser(path), "rb").read().strip()
         except OSError as e:
-            raise ConfigError(f"tiers.hpc.hpc.relay_secret_file: cannot read it: {e}") from None
+            raise ConfigError(f"{where}.relay_secret_file: cannot read it: {e}") from None
     else:
         secret = os.environ.get(env, "").encode()
     if len(secret) < 32:

@@ -114,34 +114,41 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
     ident = {"agent_id": spec.get("agent_id"), "pid": os.getpid(),
              "host": os.uname().nodename}
     channel.send({"t": "hello", "phase": "starting", **ident})
+    inflight: set[concurrent.futures.Future[Any]] = set()
+    lock = threading.Lock()
+    stop_beats = threading.Event()
+
+    def beat() -> None:
+        # Beats run from the first hello: an agent waiting minutes for its backend (or stuck
+        # in one slow probe of it) must not look lost and be replaced.
+        while not stop_beats.wait(spec.get("heartbeat_s", 5.0)):
+            with lock:
+                n = len(inflight)
+            channel.send({"t": "beat", "inflight": n})
+
+    beats = threading.Thread(target=beat, daemon=True, name="agent-beat")
+    beats.start()
     # A node may come up before the cluster's vLLM has loaded its weights: say so, and wait.
     wait_until = time.monotonic() + spec.get("backend_wait_s", 900.0)
     while not _backend_up(spec["backend_url"], spec.get("api_key_env")):
         if time.monotonic() > wait_until or time.monotonic() > deadline:
+            stop_beats.set()
             channel.send({"t": "bye", "reason": "backend never came up"}, final=True)
             channel.close()
             return {**ident, "error": "backend never came up", "served": 0}
         time.sleep(1.0)
     channel.send({"t": "hello", "phase": "ready", **ident})
-
-    inflight: set[concurrent.futures.Future[Any]] = set()
-    lock = threading.Lock()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=spec["max_concurrency"],
                                                  thread_name_prefix="agent-request")
-    stop_beats = threading.Event()
-
-    def beat() -> None:
-        while not stop_beats.wait(spec.get("heartbeat_s", 5.0)):
-            with lock:
-                n = len(inflight)
-            channel.send({"t": "beat", "inflight": n})
 
     def serve(job: dict[str, Any], fn: str) -> None:
         nonlocal served, failed
         result = WORK[fn](job)
         message = {"t": "done", "channel": job["channel"], "result": result}
         if len(json.dumps(result)) > RESULT_LIMIT:
-            message["result"] = {**result, "choices": [], "truncated": True}
+            # One frame must carry it: what does not fit is left out, and the gateway heals
+            # or retries without it.
+            message["result"] = {**result, "choices": [], "results": [], "truncated": True}
         with lock:
             if result.get("error"):
                 failed += 1
@@ -149,8 +156,6 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
                 served += 1
         channel.send(message)
 
-    beats = threading.Thread(target=beat, daemon=True, name="agent-beat")
-    beats.start()
     reason = "drained"
     draining = False
     try:

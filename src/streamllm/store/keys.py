@@ -111,3 +111,20 @@ async def key_count(store: Store) -> int:
     async with store.engine.connect() as connection:
         return int((await connection.execute(
             select(func.count()).select_from(api_keys))).scalar_one())
+
+
+def keys_were_made(url: str) -> bool:
+    """Whether any key was ever made in the store at `url`, for synchronous callers (startup
+    checks); the store is opened, and migrated if new, on a thread of its own."""
+    import asyncio
+    import concurrent.futures
+
+    async def count() -> int:
+        store = await Store.open(url)
+        try:
+            return await key_count(store)
+        finally:
+            await store.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, count()).result() > 0

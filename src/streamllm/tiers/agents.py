@@ -72,6 +72,7 @@ class Agent:
     replaced: bool = False  # a successor has been launched for it
     pid: int | None = None  # its process on the node, as it said hello
     host: str | None = None
+    beats: int = 0
 
     @property
     def inflight(self) -> int:
@@ -246,6 +247,8 @@ class AgentPool:
                             0.7 * self.startup_seconds + 0.3 * took)
                         log.info("cluster %s: agent %s… ready in %.1f s", self.cluster,
                                  agent.id[6:14], took)
+                elif kind == "beat":
+                    agent.beats += 1
                 elif kind == "done":
                     self._settle(agent, message["channel"], result=message["result"])
                 elif kind == "refused":

@@ -63,14 +63,16 @@ class Cluster:
     def state(self) -> str:
         if self.plane_state == "failed" or not self.relay_ok:
             return "offline"
-        if self.pool.enabled:
-            # With agents, an agent saying ready is the proof that the cluster's backend
-            # (which may take many minutes to load a model) answers.
+        if self.pool.enabled and self.pool.settings.min_warm > 0:
+            # With warm agents kept, an agent saying ready is the proof that the cluster's
+            # backend (which may take many minutes to load a model) answers.
             if self.pool.ready():
                 return "ready"
             counts = self.pool.counts()
             return "queued" if counts["queued"] and not counts["starting"] else "starting"
-        return "ready" if self.plane_state == "ready" else "starting"
+        # Agents on demand only (min_warm 0), or none: jobs are the way in, so the control
+        # plane's readiness is the cluster's; an agent ready early counts too.
+        return "ready" if self.plane_state == "ready" or self.pool.ready() else "starting"
 
     def recently_failed(self) -> bool:
         return self.failed_at is not None and time.monotonic() - self.failed_at < FAILED_FOR_S
