@@ -14,10 +14,12 @@ whose `hpc` tier reaches it through a Parsl engine (LocalProvider) and the gatew
 Streamed requests are measured at concurrency 1 and 32 with bench/overhead.py's load
 generator (closed loop, every answer parsed and checked, warm-up, rounds whose order rotates).
 
-Batch throughput: the `openai` SDK uploads a file of N lines (model `fast`: no delays, 16
-tokens), creates a batch and polls until it completes, on a gateway with one cluster and on one
-with two clusters (each its own Parsl engine and relay, the same simulator behind both); lines
-per second from creation to completion, and how the chunks were spread.
+Batch throughput: the `openai` SDK uploads a file of N lines, creates a batch and polls until
+it completes, on a gateway with one cluster and on one with two clusters (each its own Parsl
+engine, relay and simulator). Two kinds of lines: `fast` (no delays, 16 tokens: the gateway and
+workers on this machine's cores are the limit) and `timed` (200 ms to the first token, then 16
+tokens at 100/s, as a GPU would take them: the lines each cluster runs at once are the limit).
+Lines per second from creation to completion.
 
     .venv/bin/python bench/hpc.py                      # about 4 minutes
     .venv/bin/python bench/hpc.py --skip-batch
@@ -61,7 +63,10 @@ def start_sim(services: Services) -> str:
     config = services.workdir / "sim.json"
     config.write_text(json.dumps({"models": {
         "paced": {"ttft_ms": 30, "tokens_per_s": 50, "answer_tokens": TOKENS},
-        "fast": {"answer_tokens": 16}}}))
+        "fast": {"answer_tokens": 16},
+        # A line as a GPU would take it (0.36 s), so that throughput is set by how many lines
+        # the clusters run at once, not by this machine's two cores.
+        "timed": {"ttft_ms": 200, "tokens_per_s": 100, "answer_tokens": 16}}}))
     svc = services.start("sim", [streamllm_exe(), "sim", "--host", LOOPBACK, "--port",
                                  str(port), "--config", str(config)])
     wait_ready(svc, f"http://{LOOPBACK}:{port}/health", 30)
@@ -69,7 +74,7 @@ def start_sim(services: Services) -> str:
 
 
 def cluster(sim: str, agents: bool, workers: int = 40) -> dict[str, Any]:
-    out: dict[str, Any] = {"base_url": f"{sim}/v1", "models": ["paced", "fast"],
+    out: dict[str, Any] = {"base_url": f"{sim}/v1", "models": ["paced", "fast", "timed"],
                            "control_plane": "parsl", "parsl": {"max_workers": workers}}
     if agents:
         out["agents"] = {"min_warm": 1, "max": 2, "max_concurrency": 32,
@@ -122,12 +127,12 @@ async def measure(targets: list[Target], levels: dict[int, int], rounds: int,
     return out
 
 
-def run_batch_api(base: str, lines: int) -> dict[str, Any]:
+def run_batch_api(base: str, lines: int, model: str) -> dict[str, Any]:
     import openai
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
     rows = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                        "body": {"model": "hpc/fast",
+                        "body": {"model": f"hpc/{model}",
                                  "messages": [{"role": "user", "content": f"line {i}"}]}})
             for i in range(lines)]
     upload = client.files.create(file=("in.jsonl", "\n".join(rows).encode()), purpose="batch")
@@ -143,7 +148,7 @@ def run_batch_api(base: str, lines: int) -> dict[str, Any]:
     out = client.files.content(batch.output_file_id).text.strip().splitlines()
     if len(out) != lines or len({json.loads(x)["custom_id"] for x in out}) != lines:
         raise BenchError("the output file does not hold one result per line")
-    return {"lines": lines, "seconds": took, "lines_per_s": lines / took}
+    return {"lines": lines, "model": model, "seconds": took, "lines_per_s": lines / took}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,13 +195,21 @@ def main(argv: list[str] | None = None) -> int:
             services.stop_all()
             sim = start_sim(services)
         if not args.skip_batch:
+            # Each cluster has a simulator of its own (its own GPUs). `fast` lines have no
+            # delays: what the gateway and workers on this machine's cores can push. `timed`
+            # lines take 0.36 s each, as on a GPU: what a second cluster adds.
+            sim2 = start_sim(services)
             one = start_gateway(services, "batch-one", {"c1": cluster(sim, False, 16)})
-            results["batch_one_cluster"] = run_batch_api(one, args.batch_lines)
+            for model in ("fast", "timed"):
+                results[f"batch_one_cluster_{model}"] = run_batch_api(one, args.batch_lines,
+                                                                      model)
             two = start_gateway(services, "batch-two", {"c1": cluster(sim, False, 16),
-                                                        "c2": cluster(sim, False, 16)})
-            results["batch_two_clusters"] = run_batch_api(two, args.batch_lines)
+                                                        "c2": cluster(sim2, False, 16)})
+            results["batch_two_clusters_fast"] = run_batch_api(two, args.batch_lines, "fast")
+            results["batch_two_clusters_timed"] = run_batch_api(two, args.batch_lines, "timed")
             print()
-            for k in ("batch_one_cluster", "batch_two_clusters"):
+            for k in ("batch_one_cluster_fast", "batch_two_clusters_fast",
+                      "batch_one_cluster_timed", "batch_two_clusters_timed"):
                 r = results[k]
                 print(f"{k}: {r['lines']} lines in {r['seconds']:.1f} s = "
                       f"{r['lines_per_s']:.1f} lines/s")

@@ -397,3 +397,61 @@ def test_a_starting_cluster_is_visible_and_auto_moves_on(tmp_path, start_sim):
             model="hpc/m", messages=ask("hello there"))
         assert raw.headers["x-stream-dispatch"] == "agent"
     sim_server.stop()
+
+
+def test_a_control_plane_that_fails_its_first_jobs_comes_back(tmp_path, start_sim, monkeypatch):
+    """An endpoint that is down when the gateway starts makes its cluster offline, not dead:
+    the warm-up job is tried again, and once the endpoint takes jobs the cluster serves."""
+    import concurrent.futures
+    import threading
+
+    from streamllm.gateway import runtime as runtime_module
+
+    down = threading.Event()
+    down.set()
+    refused = []
+
+    class EndpointDownWhileSet:
+        """The real plane, behind an endpoint that refuses jobs while `down` is set."""
+
+        def __init__(self, plane):
+            self.plane, self.name = plane, plane.name
+
+        def submit(self, fn, *args):
+            if down.is_set():
+                refused.append(fn.__name__)
+                future = concurrent.futures.Future()
+                future.set_exception(ConnectionError("endpoint is offline"))
+                return future
+            return self.plane.submit(fn, *args)
+
+        def shutdown(self):
+            self.plane.shutdown()
+
+    real = runtime_module.make_control_plane
+    monkeypatch.setattr(runtime_module, "make_control_plane",
+                        lambda *a, **k: EndpointDownWhileSet(real(*a, **k)))
+    monkeypatch.setattr(runtime_module, "WARM_RETRY_S", 0.2)
+    sim = start_sim({"m": {"answer_tokens": 5}})
+    settings = Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(tmp_path)},
+        "tiers": {"hpc": {"kind": "hpc", "clusters": {"a": {
+            "base_url": sim.url, "models": ["m"], "control_plane": "local",
+            "local_workers": 1}}},
+            "local": {"enabled": False}, "cloud": {"enabled": False}},
+    })
+    app = create_app(settings)
+    with ServerThread(app) as server:
+        def endpoint() -> dict:
+            return httpx.get(f"{server.url}/v1/models/hpc/m", timeout=10).json()["endpoints"][0]
+
+        until(lambda: endpoint()["state"] == "offline", 30, "the cluster to be offline")
+        until(lambda: len(refused) >= 2, 30, "the warm-up job to be tried again")
+        with pytest.raises(openai.APIStatusError) as refused_request:
+            client(server.url).chat.completions.create(model="hpc/m", messages=ask("hi"))
+        assert refused_request.value.status_code == 503
+        down.clear()
+        until(lambda: endpoint()["state"] == "ready", 60, "the cluster to come back")
+        text, headers = stream_text(server.url, "hpc/m", ask("back again"))
+        assert text == answer_text("m", ask("back again"), 5)
+        assert headers["x-stream-cluster"] == "a"

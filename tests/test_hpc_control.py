@@ -67,3 +67,39 @@ def test_retried_request_joins_the_running_job(plane, vllm):
     assert done_again.future is first.future
     assert submitter.submitted == 1
     assert len(sim.log) - before == 1, "one GPU job for three submissions"
+
+
+def test_local_workers_exit_when_the_gateway_is_killed():
+    """A gateway killed with SIGKILL cannot shut its process pool down: the workers notice
+    their parent is gone and exit instead of waiting for work forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from streamllm.hpc.control import LocalControlPlane\n"
+        "from streamllm.hpc.worker import ping\n"
+        "plane = LocalControlPlane(max_workers=1)\n"
+        "print(plane.submit(ping).result(timeout=60)['pid'], flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    gateway = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        worker = int(gateway.stdout.readline())
+        os.kill(worker, 0)  # alive while the gateway is
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the worker outlived its gateway"
+            time.sleep(0.1)
+    finally:
+        gateway.kill()
+        gateway.stdout.close()

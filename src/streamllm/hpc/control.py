@@ -42,13 +42,27 @@ class LocalControlPlane:
         # seen as a worker's relay handshake timing out. A spawned worker also sees the
         # environment as it is now (not as a fork server saw it when it started).
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"))
+            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with, initargs=(os.getpid(),))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_with(parent: int) -> None:
+    """In each local worker: exit when the gateway is gone. A spawned worker holds both ends of
+    its task pipe, so a gateway that dies (or exits while the worker is still starting) would
+    otherwise leave it waiting for work forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-gateway").start()
 
 
 class GlobusControlPlane:

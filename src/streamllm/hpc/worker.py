@@ -34,9 +34,16 @@ class _Relay:
         self.on_cancel: Any = None  # set once the backend request is open
         self._conn: Any = None
         self._stack = contextlib.ExitStack()
+        self._dialled = threading.Event()  # set once the dial has succeeded or failed
         key = job.get("key")
         self._sealer = Sealer(key, job["channel"], Direction.DOWN)
         self._opener = Opener(key, job["channel"], Direction.UP, require_sealed=key is not None)
+        # Dialled on a thread of its own while the caller opens the backend request: the
+        # WebSocket handshake (a millisecond or more) is then off the first token's path.
+        threading.Thread(target=self._dial, args=(job,), daemon=True,
+                         name="relay-producer").start()
+
+    def _dial(self, job: dict[str, Any]) -> None:
         try:
             from websockets.sync.client import connect
 
@@ -52,7 +59,9 @@ class _Relay:
         except Exception as e:  # any failure to reach the relay: fall back to backstop only
             self.error = f"relay unreachable: {e}"
             return
-        threading.Thread(target=self._listen, daemon=True, name="relay-upstream").start()
+        finally:
+            self._dialled.set()
+        self._listen()
 
     def _listen(self) -> None:
         try:
@@ -68,6 +77,7 @@ class _Relay:
             pass
 
     def send(self, ftype: FrameType, payload: dict[str, Any]) -> None:
+        self._dialled.wait()
         if self._conn is None or self.error:
             return
         data = json.dumps(payload, separators=(",", ":")).encode()
@@ -80,6 +90,7 @@ class _Relay:
             self.error = f"relay send failed: {e}"
 
     def close(self) -> None:
+        self._dialled.wait()
         try:
             self._stack.close()
         except Exception:
