@@ -21,7 +21,7 @@ workers on this machine's cores are the limit) and `timed` (200 ms to the first 
 tokens at 100/s, as a GPU would take them: the lines each cluster runs at once are the limit).
 Lines per second from creation to completion.
 
-    .venv/bin/python bench/hpc.py                      # about 4 minutes
+    .venv/bin/python bench/hpc.py                      # about 6 minutes
     .venv/bin/python bench/hpc.py --skip-batch
 """
 

@@ -1,8 +1,9 @@
 """The function that runs on a cluster node for one HPC request.
 
-It dials the relay as producer, streams the completion from the node's vLLM (or any
-OpenAI-compatible server), seals every chunk into a frame, stops when the consumer cancels, and
-returns the whole completion through the control plane as the backstop.
+It dials the relay as producer (on a thread, while the backend request is opened), streams the
+completion from the node's vLLM (or any OpenAI-compatible server), seals every chunk into a
+frame, stops when the consumer cancels, and returns the whole completion through the control
+plane as the backstop.
 
 Imports are kept to the standard library, `cryptography`, `websockets` and STREAM's own pure
 relay modules, so the function runs on a node that has nothing else installed and survives
