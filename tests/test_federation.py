@@ -455,3 +455,101 @@ def test_a_control_plane_that_fails_its_first_jobs_comes_back(tmp_path, start_si
         text, headers = stream_text(server.url, "hpc/m", ask("back again"))
         assert text == answer_text("m", ask("back again"), 5)
         assert headers["x-stream-cluster"] == "a"
+
+
+def test_a_cluster_failing_before_the_first_token_hands_over_to_the_next(tmp_path, start_sim):
+    """Two clusters serve `m`; the one tried first answers 500: the other takes the request
+    over and the client sees one clean answer."""
+    broken = start_sim({"m": {"error_rate": 1.0}})
+    healthy = start_sim({"m": {"answer_tokens": 7}})
+    gw, server = start({
+        "broken": {"base_url": broken.url, "models": ["m"], "control_plane": "local",
+                   "local_workers": 2},
+        "healthy": {"base_url": healthy.url, "models": ["m"], "control_plane": "local",
+                    "local_workers": 2}},
+        tmp_path, tiers={"local": {"enabled": False}, "cloud": {"enabled": False}})
+    try:
+        until(lambda: all(c.state() == "ready" for c in gw.runtime.backends["hpc"].clusters),
+              60, "both clusters to be ready")
+        messages = ask("who answers when the first cluster fails?")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 7)
+        assert headers["x-stream-cluster"] == "healthy"
+        assert len(broken.sim.requests_for("m")) == 1  # it was tried first, and failed
+        assert len(healthy.sim.requests_for("m")) == 1
+        assert gw.cluster("broken").recently_failed()
+        # Non-streamed too; the cluster that just failed is now tried last.
+        body = client(gw.url).chat.completions.create(model="hpc/m", messages=messages)
+        assert body.choices[0].message.content == answer_text("m", messages, 7)
+        assert len(broken.sim.requests_for("m")) == 1
+    finally:
+        server.stop()
+
+
+def cold_cluster(tmp_path, sim_url: str, wait_s: float):
+    settings = Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(tmp_path)},
+        "tiers": {
+            "hpc": {"kind": "hpc", "clusters": {"a": {
+                "base_url": sim_url, "models": ["m"], "control_plane": "local",
+                "local_workers": 2, "cold_start": "wait", "cold_start_wait_s": wait_s,
+                "agents": {"min_warm": 1, "max": 1, "heartbeat_s": 1}}}},
+            "local": {"enabled": False}, "cloud": {"enabled": False}},
+    })
+    return create_app(settings)
+
+
+def test_a_request_waits_for_a_starting_cluster_and_is_told_where_it_stood(tmp_path):
+    """`cold_start: wait`: the request is held (it shows in the cluster's queue) until the
+    cluster's server is up and its agent ready, then answered through the agent."""
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=6)}))
+    sim_server = ServerThread(sim.app)  # bound, not serving yet: the model still loading
+    app = cold_cluster(tmp_path, f"{sim_server.url}/v1", 600)
+    try:
+        with ServerThread(app) as server, ThreadPoolExecutor(1) as pool:
+            cluster = app.state.runtime.backends["hpc"].clusters[0]
+            until(lambda: cluster.pool.counts()["starting"] == 1, 60, "the agent to start")
+            messages = ask("worth the wait?")
+            waiting = pool.submit(stream_text, server.url, "hpc/m", messages)
+            until(lambda: cluster.waiting == 1, 30, "the request to be held")
+            endpoint = httpx.get(f"{server.url}/v1/models/hpc/m", timeout=10).json()[
+                "endpoints"][0]
+            assert endpoint["state"] == "starting" and endpoint["queue_position"] == 1
+            assert not waiting.done() and not sim.requests_for("m")  # nothing reached it
+            sim_server.start()
+            text, headers = waiting.result(timeout=60)
+            assert text == answer_text("m", messages, 6)
+            assert headers["x-stream-queue-position"] == "1"
+            assert int(headers["x-stream-estimated-wait-s"]) > 0
+            assert headers["x-stream-dispatch"] == "agent"
+            assert cluster.waiting == 0
+    finally:
+        sim_server.stop()
+
+
+def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path):
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    sim = Simulator(SimSettings(models={"m": SimModelSettings()}))
+    sim_server = ServerThread(sim.app)  # never serves
+    app = cold_cluster(tmp_path, f"{sim_server.url}/v1", 1)
+    try:
+        with ServerThread(app) as server:
+            cluster = app.state.runtime.backends["hpc"].clusters[0]
+            until(lambda: cluster.pool.counts()["starting"] == 1, 60, "the agent to start")
+            with pytest.raises(openai.APIStatusError) as failed:
+                client(server.url).chat.completions.create(model="hpc/m", messages=ask("hi"))
+            assert failed.value.status_code == 503
+            assert "still starting after 1 s" in failed.value.message
+            assert cluster.waiting == 0 and not sim.requests_for("m")
+            # An agent still waiting for its server listens: drained, it gives its node back.
+            agent = next(iter(cluster.pool.agents.values()))
+            on_loop(server, cluster.pool._drain(agent))
+            until(lambda: agent.job.done(), 30, "the waiting agent's job to end")
+            assert agent.job.result()["error"] == "drained while waiting for the backend"
+    finally:
+        sim_server.stop()

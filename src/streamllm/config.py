@@ -133,8 +133,10 @@ class HPCSettings(_Strict):
     deadlines: HPCDeadlines = Field(default_factory=HPCDeadlines)
     agents: AgentSettings = Field(default_factory=AgentSettings)
     # While a cluster is starting (no agent ready and its control plane not warm): "fallback"
-    # lets `auto` move on to the next tier at once; "wait" waits within the deadlines.
+    # lets `auto` move on to the next tier at once; "wait" holds the request until the
+    # cluster is ready, for up to cold_start_wait_s (then the next cluster or tier is tried).
     cold_start: Literal["fallback", "wait"] = "fallback"
+    cold_start_wait_s: Seconds = 900.0
 
     @model_validator(mode="after")
     def _complete(self) -> "HPCSettings":

@@ -100,7 +100,8 @@ class ServerThread:
 
     def stop(self) -> None:
         self.request_stop()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # it may never have been started
+            self._thread.join(timeout=10)
         self.sock.close()
 
     def __enter__(self) -> "ServerThread":

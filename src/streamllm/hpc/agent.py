@@ -131,12 +131,25 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
     # A node may come up before the cluster's vLLM has loaded its weights: say so, and wait.
     wait_until = time.monotonic() + spec.get("backend_wait_s", 900.0)
     while not _backend_up(spec["backend_url"], spec.get("api_key_env")):
+        gone = None
         if time.monotonic() > wait_until or time.monotonic() > deadline:
+            gone = "backend never came up"
+        else:
+            # Listen while waiting: a gateway that stops (or drains us) must not leave this
+            # job holding its node until backend_wait_s runs out.
+            try:
+                message = channel.receive(timeout=1.0)
+            except Exception:
+                message = {"t": "drain"}
+            if message is not None and message.get("t") == "job":
+                channel.send({"t": "refused", "channel": message["job"]["channel"]})
+            elif message is not None and message.get("t") == "drain":
+                gone = "drained while waiting for the backend"
+        if gone is not None:
             stop_beats.set()
-            channel.send({"t": "bye", "reason": "backend never came up"}, final=True)
+            channel.send({"t": "bye", "reason": gone}, final=True)
             channel.close()
-            return {**ident, "error": "backend never came up", "served": 0}
-        time.sleep(1.0)
+            return {**ident, "error": gone, "served": 0}
     channel.send({"t": "hello", "phase": "ready", **ident})
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=spec["max_concurrency"],
                                                  thread_name_prefix="agent-request")

@@ -50,6 +50,10 @@ class LocalControlPlane:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # Jobs still running here are the gateway's own children (a warm agent lives as long
+        # as its walltime): stop them, or the interpreter's exit would wait for them.
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            process.terminate()
 
 
 def _exit_with(parent: int) -> None:

@@ -8,8 +8,10 @@ with an error event as on any tier.
 
 While no cluster for the model is ready, the cluster's `cold_start` setting decides: `fallback`
 fails over at once (the router moves to the next tier, reason `fallback:hpc-starting`), `wait`
-sends the request anyway (an agent or job queues for it within the deadlines) and says where
-it stands in `x-stream-queue-position` and `x-stream-estimated-wait-s`.
+holds the request until the cluster is ready (up to `cold_start_wait_s`), then sends it, and
+says where it stood in `x-stream-queue-position` and `x-stream-estimated-wait-s`. A request
+sent to a cold cluster is never dispatched before the cluster is ready: its job would only meet
+a server that is still loading.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from streamllm.tiers.openai_http import has_output
 
 STATE_RANK = {"ready": 0, "starting": 1, "queued": 2, "offline": 3}
 FAILED_FOR_S = 10.0  # a cluster that just failed is tried after the others for this long
+READY_POLL_S = 0.25  # how often a request held for a cold cluster looks again
 
 
 class ClusterStarting(BackendFailed):
@@ -73,6 +76,16 @@ class Cluster:
         # Agents on demand only (min_warm 0), or none: jobs are the way in, so the control
         # plane's readiness is the cluster's; an agent ready early counts too.
         return "ready" if self.plane_state == "ready" or self.pool.ready() else "starting"
+
+    async def until_ready(self, within: float) -> str:
+        """Hold a request until this cluster is ready; its state when the wait ended."""
+        # Polled: readiness is made of several parts (the control plane's warm-up, agents'
+        # hellos, relay probes), and a start takes minutes, so a quarter second is nothing.
+        deadline = time.monotonic() + within
+        while (state := self.state()) not in ("ready", "offline") and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(READY_POLL_S)
+        return state
 
     def recently_failed(self) -> bool:
         return self.failed_at is not None and time.monotonic() - self.failed_at < FAILED_FOR_S
@@ -122,12 +135,12 @@ class FederatedHPCBackend:
         if not ordered:
             raise BackendFailed(f"{self.tier}: no cluster serves {model}", tier=self.tier)
         ready = [c for c in ordered if c.state() == "ready"]
-        if ready:
-            return ready + [c for c in ordered if c not in ready and c.state() != "offline"]
         # A cold cluster is waited for when its policy says so, or when nothing else could
         # take the request anyway.
-        waiting = [c for c in ordered if c.state() != "offline"
+        waiting = [c for c in ordered if c.state() not in ("ready", "offline")
                    and (c.settings.cold_start == "wait" or not dispatch.may_fall_back)]
+        if ready:
+            return ready + waiting
         if not waiting:
             first = ordered[0]
             raise ClusterStarting(
@@ -141,17 +154,33 @@ class FederatedHPCBackend:
         return waiting
 
     # -- requests -----------------------------------------------------------------------------
+    async def _hold(self, cluster: Cluster) -> str | None:
+        """Wait for a cold cluster to be ready (in its queue meanwhile); why not, if it is not."""
+        if cluster.state() == "ready":
+            return None
+        cluster.waiting += 1
+        try:
+            state = await cluster.until_ready(cluster.settings.cold_start_wait_s)
+        finally:
+            cluster.waiting -= 1
+        if state == "ready":
+            return None
+        return (f"{cluster.name}: still {state} after "
+                f"{cluster.settings.cold_start_wait_s:.0f} s (cold_start_wait_s)")
+
     async def stream(self, body: dict[str, Any],
                      dispatch: Dispatch | None = None) -> AsyncIterator[list[Chunk]]:
         dispatch = dispatch or Dispatch()
         failures: list[str] = []
         for cluster in self._plan(body.get("model", ""), dispatch):
-            cold = cluster.state() != "ready"
             cluster.inflight += 1
-            cluster.waiting += cold
-            stream = cluster.backend.stream(body, dispatch)
+            stream = None
             held: list[Chunk] = []
             try:
+                if (cold := await self._hold(cluster)) is not None:
+                    failures.append(cold)
+                    continue
+                stream = cluster.backend.stream(body, dispatch)
                 try:
                     async for batch in stream:
                         held.extend(batch)
@@ -163,8 +192,6 @@ class FederatedHPCBackend:
                     cluster.failed_at = time.monotonic()
                     failures.append(f"{cluster.name}: {e.message}")
                     continue
-                finally:
-                    cluster.waiting -= cold
                 dispatch.headers["x-stream-cluster"] = cluster.name
                 cluster.failed_at = None
                 cluster.served += 1
@@ -175,7 +202,8 @@ class FederatedHPCBackend:
                 return
             finally:
                 cluster.inflight -= 1
-                await stream.aclose()
+                if stream is not None:
+                    await stream.aclose()
         raise BackendFailed(f"{self.tier}: every cluster failed: " + "; ".join(failures),
                             tier=self.tier)
 
@@ -186,6 +214,9 @@ class FederatedHPCBackend:
         for cluster in self._plan(body.get("model", ""), dispatch):
             cluster.inflight += 1
             try:
+                if (cold := await self._hold(cluster)) is not None:
+                    failures.append(cold)
+                    continue
                 result = await cluster.backend.complete(body, dispatch)
             except (BackendRejected, ContextTooLong):
                 raise
