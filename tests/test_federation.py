@@ -296,6 +296,78 @@ def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
         sim_server.stop()
 
 
+def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
+    """With an agent ready, a batch's chunks go to it (no job each), and every line comes
+    back once through the chunk's relay channel."""
+    import json
+
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 2},
+        {"min_warm": 1, "max": 1, "max_concurrency": 8}, {"answer_tokens": 9})
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready(), 60, "a warm agent")
+        agent = pool.ready()[0]
+        sdk = client(gw.url)
+        lines = [{"custom_id": f"a{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "hpc/m", "messages": ask(f"agent line {i}")}}
+                 for i in range(120)]
+        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        batch = wait_batch(sdk, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 120
+        out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(r["custom_id"] for r in out) == sorted(f"a{i}" for i in range(120))
+        for r in out:
+            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
+                "m", ask(f"agent line {r['custom_id'][1:]}"), 9)
+        assert agent.served == 3  # 120 lines in chunks of 50: three chunks, all on the agent
+        assert len(sim.requests_for("m")) == 120
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
+def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path):
+    """The agent running a chunk is killed: the lines it had answered are kept, the others run
+    once more (as jobs, or on its successor), and every line is in the output once."""
+    import json
+
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 3},
+        {"min_warm": 1, "max": 1, "max_concurrency": 8},
+        {"answer_tokens": 6, "tokens_per_s": 12})  # half a second a line
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready() and pool.ready()[0].pid, 60, "a warm agent")
+        victim = pool.ready()[0]
+        sdk = client(gw.url)
+        lines = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "hpc/m", "messages": ask(f"killed line {i}")}}
+                 for i in range(40)]
+        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        until(lambda: sum(r.outcome == "completed" for r in sim.requests_for("m")) >= 8, 60,
+              "the agent to answer some lines")
+        os.kill(victim.pid, signal.SIGKILL)
+        batch = wait_batch(sdk, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 40
+        out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(r["custom_id"] for r in out) == sorted(f"k{i}" for i in range(40))
+        for r in out:
+            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
+                "m", ask(f"killed line {r['custom_id'][1:]}"), 6)
+        assert victim.phase == "gone"
+        # Lines answered before the kill were not run again: only those cut off (at most the
+        # chunk's 8 lines at once) ran twice.
+        assert len(sim.requests_for("m")) <= 40 + 8
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
 def test_agents_scale_up_under_a_burst_and_down_when_idle(tmp_path):
     gw, server, sim, sim_server = agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 8},

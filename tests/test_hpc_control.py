@@ -103,3 +103,30 @@ def test_local_workers_exit_when_the_gateway_is_killed():
     finally:
         gateway.kill()
         gateway.stdout.close()
+
+
+def test_a_local_plane_goes_on_after_a_worker_is_killed():
+    """A killed worker breaks a process pool for good; the plane starts a fresh one, as an
+    endpoint goes on after losing a node. Only the jobs the dead worker's pool held fail."""
+    import concurrent.futures.process
+    import os
+    import signal
+    import time
+
+    from streamllm.hpc.worker import ping
+
+    plane = LocalControlPlane(max_workers=1)
+    try:
+        first = plane.submit(ping).result(timeout=60)["pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "the plane never ran a job again"
+            try:
+                after = plane.submit(ping).result(timeout=60)["pid"]
+                break
+            except concurrent.futures.process.BrokenProcessPool:
+                continue  # submitted before the pool knew it was broken: that job failed
+        assert after != first
+    finally:
+        plane.shutdown()

@@ -13,6 +13,7 @@ aborts the ones running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -29,6 +30,45 @@ from streamllm.tiers.federation import Cluster, FederatedHPCBackend
 log = logging.getLogger("streamllm.batch")
 
 START_SLACK_S = 30.0
+RELAY_GRACE_S = 5.0  # after the job has returned, its last frames get this long to arrive
+
+
+async def _frames_while(link: Any, job: asyncio.Future[Any], within: float) -> AsyncIterator[bytes]:
+    """The chunk channel's frames, for as long as they can still come: not after the job has
+    failed (an agent lost, a job refused: its producer may never connect), not long after it
+    has returned, and not past `within` seconds in all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    grace_until: float | None = None
+    frames = link.frames().__aiter__()
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(frames.__anext__())
+            watched: set[asyncio.Future[Any]] = {pending}
+            if grace_until is None:
+                watched.add(job)
+            limit = (grace_until if grace_until is not None else deadline) - loop.time()
+            done, _ = await asyncio.wait(watched, timeout=max(limit, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if pending in done:
+                arrived, pending = pending, None
+                try:
+                    frame = arrived.result()
+                except StopAsyncIteration:
+                    return
+                yield frame
+                continue
+            if grace_until is None and job.done():
+                if job.cancelled() or job.exception() is not None:
+                    return  # nothing more will come; the caller reads the job's failure
+                grace_until = min(deadline, loop.time() + RELAY_GRACE_S)
+                continue
+            return  # out of time
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 class HPCChunkRunner:
@@ -103,15 +143,18 @@ class HPCChunkRunner:
 
                 watcher = asyncio.create_task(watch_cancel())
                 try:
-                    async for frame in link.frames():
-                        ftype, payload = opener.open(frame)
-                        if ftype is FrameType.DATA:
-                            line = json.loads(payload)
-                            if line["custom_id"] in wanted and line["custom_id"] not in seen:
-                                seen.add(line["custom_id"])
-                                yield self._result(line, model)
-                        elif ftype in (FrameType.FINAL, FrameType.ERROR):
-                            break
+                    async with contextlib.aclosing(
+                            _frames_while(link, result, backend.deadlines.total)) as frames:
+                        async for frame in frames:
+                            ftype, payload = opener.open(frame)
+                            if ftype is FrameType.DATA:
+                                line = json.loads(payload)
+                                if line["custom_id"] in wanted and \
+                                        line["custom_id"] not in seen:
+                                    seen.add(line["custom_id"])
+                                    yield self._result(line, model)
+                            elif ftype in (FrameType.FINAL, FrameType.ERROR):
+                                break
                 except RelayError as e:
                     log.warning("batch %s chunk on %s: relay lost (%s); taking results from "
                                 "the job", chunk.batch_id, cluster.name, e.message)

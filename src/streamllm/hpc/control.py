@@ -12,6 +12,7 @@ future of the job already running instead of starting a second GPU job.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
 import os
 import sys
@@ -37,23 +38,48 @@ class LocalControlPlane:
     name = "local"
 
     def __init__(self, max_workers: int = 4):
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         # Spawned, not forked: the gateway has threads (its event loop's helpers, TLS, the
         # relay), and a child forked while one of them held a lock can hang in it; this was
         # seen as a worker's relay handshake timing out. A spawned worker also sees the
         # environment as it is now (not as a fork server saw it when it started).
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self._max_workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_exit_with, initargs=(os.getpid(),))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        return self._pool.submit(fn, *args)
+        with self._lock:
+            pool = self._pool
+        try:
+            return pool.submit(fn, *args)
+        except concurrent.futures.process.BrokenProcessPool:
+            # A worker died (killed, out of memory) and took the pool down: the jobs it held
+            # have failed with it, and the plane goes on with a fresh pool, as a cluster's
+            # endpoint would go on after losing a node.
+            with self._lock:
+                if self._pool is pool and not self._closed:
+                    _terminate(pool)
+                    self._pool = self._new_pool()
+                pool = self._pool
+            return pool.submit(fn, *args)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        # Jobs still running here are the gateway's own children (a warm agent lives as long
-        # as its walltime): stop them, or the interpreter's exit would wait for them.
-        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
-            process.terminate()
+        with self._lock:
+            self._closed = True
+            # Jobs still running here are the gateway's own children (a warm agent lives as
+            # long as its walltime): stop them, or the interpreter's exit would wait for them.
+            _terminate(self._pool)
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _exit_with(parent: int) -> None:

@@ -73,6 +73,7 @@ class Agent:
     pid: int | None = None  # its process on the node, as it said hello
     host: str | None = None
     beats: int = 0
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def inflight(self) -> int:
@@ -169,13 +170,11 @@ class AgentPool:
         wire = {**job, "key": job["key"].hex() if job.get("key") else None}
         message = json.dumps({"t": "job", "fn": AGENT_WORK[fn], "job": wire},
                              separators=(",", ":")).encode()
-        frame = agent.sealer.seal(FrameType.DATA, message)
         assert self._loop is not None and agent.link is not None
-        link = agent.link
 
         async def send() -> None:
             try:
-                await link.send(frame)
+                await self._send(agent, message)
             except RelayError as e:
                 self._settle(agent, job["channel"], error=AgentLost(str(e)))
 
@@ -279,9 +278,17 @@ class AgentPool:
             return
         agent.phase = "draining"
         try:
-            await agent.link.send(agent.sealer.seal(FrameType.DATA, b'{"t":"drain"}'))
+            await self._send(agent, b'{"t":"drain"}')
         except RelayError:
             pass
+
+    async def _send(self, agent: Agent, message: bytes) -> None:
+        # The agent opens frames strictly in sequence and drops its channel on a gap, and
+        # dispatches come from several threads (batch chunks): number and send each frame
+        # under one lock, on the loop, so the order sealed is the order sent.
+        async with agent.sending:
+            assert agent.link is not None
+            await agent.link.send(agent.sealer.seal(FrameType.DATA, message))
 
     # -- the manager ---------------------------------------------------------------------------------
     async def _manage(self) -> None:
