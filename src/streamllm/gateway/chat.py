@@ -402,6 +402,8 @@ class ChatHandler:
                     ticket.output()
                     yield out
             await ticket.keep("completed")
+            # In the ledger before the client sees the end: its next request may ask for it.
+            ticket.close(outcome)
             yield DONE
             self._after(req, body, cand, fit, ticket.usage, "".join(answer), ticket.caller)
         except StreamError as e:  # after output, every failure ends the stream as an event

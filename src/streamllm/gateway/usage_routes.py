@@ -42,8 +42,10 @@ def usage_router(runtime: Runtime) -> APIRouter:
     @router.get("/v1/usage/requests/{request_id}")
     async def one_request(request_id: str, request: Request) -> JSONResponse:
         caller = caller_of(request)
-        row = runtime.accounts.pending(request_id) or await ledger.row_for(runtime.store,
-                                                                           request_id)
+        row = runtime.accounts.pending(request_id)
+        if row is None:
+            await runtime.accounts.flush()  # a flush under way holds it until it is written
+            row = await ledger.row_for(runtime.store, request_id)
         if row is None or row.caller != (caller.name if caller else None):
             raise NotFound(f"No request `{request_id}` of this caller is in the ledger.",
                            param="request_id")
