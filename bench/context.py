@@ -26,7 +26,6 @@ Results go to bench/results/context-<time>.json; see docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import random
 import shutil
@@ -42,11 +41,10 @@ from streamllm.sim.content import prompt_tokens
 
 from overhead import (
     LOOPBACK,
-    RESULTS_DIR,
     BenchError,
-    Services,
     free_port,
-    machine_info,
+    save_results,
+    Services,
     streamllm_exe,
     wait_ready,
 )
@@ -262,13 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             results[mode] = summarise(rows, args.conversations)
         print()
         print(report(results))
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / ("context-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-        path.write_text(json.dumps({
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": machine_info(), "settings": vars(args), "sims": SIMS,
-            "results": results, "rows": raw}, indent=2) + "\n")
+        path = save_results("context", vars(args), sims=SIMS, results=results, rows=raw)
         print(f"\n[bench] done in {time.monotonic() - started:.0f}s; results in {path}")
         ok = True
         return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -42,16 +41,15 @@ from typing import Any
 
 from overhead import (
     LOOPBACK,
-    RESULTS_DIR,
     BenchError,
-    Services,
-    Target,
     free_port,
-    machine_info,
     open_clients,
     percentile,
     run_batch,
+    save_results,
+    Services,
     streamllm_exe,
+    Target,
     wait_ready,
 )
 
@@ -213,13 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[k]
                 print(f"{k}: {r['lines']} lines in {r['seconds']:.1f} s = "
                       f"{r['lines_per_s']:.1f} lines/s")
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / ("hpc-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-        path.write_text(json.dumps({
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": machine_info(), "settings": vars(args), "results": results},
-            indent=2) + "\n")
+        path = save_results("hpc", vars(args), results=results)
         print(f"\n[bench] done in {time.monotonic() - started:.0f}s; results in {path}")
         ok = True
         return 0

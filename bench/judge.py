@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import shutil
 import sys
 import tempfile
@@ -35,10 +33,9 @@ from typing import Any
 from overhead import (
     LOOPBACK,
     REPO,
-    RESULTS_DIR,
-    Services,
     free_port,
-    machine_info,
+    save_results,
+    Services,
     streamllm_exe,
     wait_ready,
 )
@@ -187,13 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(services.workdir, ignore_errors=True)
     print()
     print(report(results))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / ("judge-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    path.write_text(json.dumps({
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(), "settings": vars(args), "results": results,
-    }, indent=2) + "\n")
+    path = save_results("judge", vars(args), results=results)
     print(f"\n[bench] done in {time.monotonic() - started:.0f}s; results in {path}")
     return 0
 

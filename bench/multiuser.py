@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -38,19 +37,18 @@ from typing import Any
 
 from overhead import (
     LOOPBACK,
-    RESULTS_DIR,
     SIM_MODEL,
     BenchError,
-    Services,
-    Target,
     free_port,
     group_cpu,
-    machine_info,
     open_clients,
     percentile,
     run_batch,
+    save_results,
+    Services,
     start_simulator,
     streamllm_exe,
+    Target,
     wait_ready,
 )
 
@@ -225,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(rows))
         print(f"\nledger rows: {written} (one per request)")
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / ("multiuser-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-                              + ".json")
-        path.write_text(json.dumps({
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": machine_info(), "settings": vars(args), "rows": rows,
-            "ledger_rows": written}, indent=2) + "\n")
+        path = save_results("multiuser", vars(args), rows=rows, ledger_rows=written)
         print(f"[bench] done in {time.monotonic() - started:.0f}s; results in {path}")
         ok = True
         return 0

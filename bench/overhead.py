@@ -609,6 +609,18 @@ def verdicts(rows: list[dict[str, Any]], levels: list[int]) -> list[tuple[str, b
     return out
 
 
+def save_results(name: str, settings: dict[str, Any], **sections: Any) -> Path:
+    """Write a run's results as bench/results/<name>-<time>.json, with the command and the
+    machine, so that a figure in docs/BENCHMARKS.md can be traced to its run."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(), "settings": settings, **sections}, indent=2) + "\n")
+    return path
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):

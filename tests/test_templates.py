@@ -58,7 +58,7 @@ def test_the_templates_ship_in_the_package():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in TEMPLATES.glob("*.yaml")))
 def test_every_yaml_template_parses(name):
-    load(name)
+    assert load(name), f"{name} is an empty mapping"
 
 
 @pytest.mark.parametrize("name", sorted(GLOBUS))

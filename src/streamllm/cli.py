@@ -45,11 +45,11 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 def _stored_keys(server: ServerSettings) -> bool:
     """Whether keys were ever made in the store (so the server will demand them)."""
-    from streamllm.store import StoreConfigError, default_url
+    from streamllm.store import StoreConfigError
     from streamllm.store.keys import keys_were_made
 
     try:
-        return keys_were_made(server.database_url or default_url(server.data_dir))
+        return keys_were_made(server.database_url, server.data_dir)
     except StoreConfigError as e:
         typer.echo(f"streamllm: server.database_url: {e}", err=True)
         raise typer.Exit(2) from None

@@ -28,7 +28,6 @@ from streamllm.gateway.chat import ChatHandler
 from streamllm.gateway.middleware import RequestContext
 from streamllm.gateway.runtime import Runtime, preflight
 from streamllm.protocol.models import ModelCard, ModelList
-from streamllm.store import default_url
 from streamllm.store.keys import keys_were_made
 from streamllm.tiers.federation import FederatedHPCBackend
 
@@ -78,11 +77,6 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
     return cards
 
 
-def _stored_keys(settings: Settings) -> bool:
-    server = settings.server
-    return keys_were_made(server.database_url or default_url(server.data_dir))
-
-
 def _introspector(settings: Settings) -> TokenIntrospector | None:
     oauth = settings.server.oauth
     if oauth is None:
@@ -105,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api_keys = settings.server.load_api_keys()
     preflight(settings)
     if settings.server.profile == "hpc-as-api" and not api_keys and \
-            settings.server.oauth is None and not _stored_keys(settings):
+            settings.server.oauth is None and \
+            not keys_were_made(settings.server.database_url, settings.server.data_dir):
         raise ConfigError(
             "server.profile hpc-as-api requires API keys (`streamllm keys create`, "
             "server.api_keys or server.api_keys_file, or server.oauth): it is meant to be "

@@ -577,7 +577,7 @@ def _relay_secret(env: str, path: str | None, where: str = "tiers.hpc.hpc") -> b
     if len(secret) < 32:
         raise ConfigError(
             f"the hpc tier's relay needs its token secret (at least 32 bytes) in ${env} or "
-            "hpc.relay_secret_file: the same one `streamllm relay` was started with"
+            f"{where}.relay_secret_file: the same one `streamllm relay` was started with"
         )
     return secret
 

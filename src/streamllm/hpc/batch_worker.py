@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from streamllm.hpc.worker import _Relay
+from streamllm.hpc.worker import _abort, _Relay
 from streamllm.relay.frames import FrameType
 
 RESULT_CAP = 9 * 1024 * 1024  # bytes of results the control plane may carry back
@@ -72,15 +72,8 @@ def run_batch_chunk(job: dict[str, Any]) -> dict[str, Any]:
     counts = {"done": 0, "failed": 0}
 
     def abort_all() -> None:
-        import socket
-
         for conn in list(conns):
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _abort(conn)
 
     relay.on_cancel = abort_all
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
 
-from streamllm.store.db import Store
+from streamllm.store.db import Store, default_url
 from streamllm.store.tables import api_keys
 
 KEY_PREFIX = "sk-stream-"
@@ -113,14 +113,15 @@ async def key_count(store: Store) -> int:
             select(func.count()).select_from(api_keys))).scalar_one())
 
 
-def keys_were_made(url: str) -> bool:
-    """Whether any key was ever made in the store at `url`, for synchronous callers (startup
-    checks); the store is opened, and migrated if new, on a thread of its own."""
+def keys_were_made(database_url: str | None, data_dir: str) -> bool:
+    """Whether any key was ever made in the server's store (`database_url`, or SQLite in
+    `data_dir`), for synchronous callers (startup checks); the store is opened, and migrated if
+    new, on a thread of its own."""
     import asyncio
     import concurrent.futures
 
     async def count() -> int:
-        store = await Store.open(url)
+        store = await Store.open(database_url or default_url(data_dir))
         try:
             return await key_count(store)
         finally:

@@ -1002,6 +1002,25 @@ function xAxis(root, series, x, bar, height, pad) {
   }
 }
 
+// The plot area of a bar chart with n bars, its three horizontal grid lines labelled by
+// label(fraction of the height), and where bar k goes.
+function barGrid(root, width, height, pad, n, label) {
+  const plotW = width - pad.left - pad.right;
+  const plotH = height - pad.top - pad.bottom;
+  const step = plotW / n;
+  const bar = Math.max(1, step * 0.72);
+  const x = (k) => pad.left + k * step + (step - bar) / 2;
+  for (const frac of [0, 0.5, 1]) {
+    const y = pad.top + plotH * (1 - frac);
+    root.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, class: "grid" }));
+    const text = svg("text", { x: pad.left - 6, y: y + 4, class: "axis-label",
+                               "text-anchor": "end" });
+    text.textContent = label(frac);
+    root.append(text);
+  }
+  return { plotH, bar, x };
+}
+
 function drawSpendChart(figure, series) {
   const total = series.reduce((s, d) => s + (d.cost_usd || 0), 0);
   const top = series.reduce(
@@ -1013,19 +1032,8 @@ function drawSpendChart(figure, series) {
   figure.replaceChildren();
   const { root, width, height, pad } = chartFrame(figure, "spend", "Spend per day (USD)", desc);
   const max = niceCeiling(Math.max(...series.map((d) => d.cost_usd || 0)));
-  const plotW = width - pad.left - pad.right;
-  const plotH = height - pad.top - pad.bottom;
-  const step = plotW / series.length;
-  const bar = Math.max(1, step * 0.72);
-  const x = (k) => pad.left + k * step + (step - bar) / 2;
-  for (const frac of [0, 0.5, 1]) {
-    const y = pad.top + plotH * (1 - frac);
-    root.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, class: "grid" }));
-    const label = svg("text", { x: pad.left - 6, y: y + 4, class: "axis-label",
-                                "text-anchor": "end" });
-    label.textContent = axisUsd(max * frac, max);
-    root.append(label);
-  }
+  const { plotH, bar, x } = barGrid(root, width, height, pad, series.length,
+    (frac) => axisUsd(max * frac, max));
   series.forEach((d, k) => {
     const h = ((d.cost_usd || 0) / max) * plotH;
     if (h <= 0) return;
@@ -1053,19 +1061,8 @@ function drawShareChart(figure, series, tiers) {
     : "No requests in this period.";
   figure.replaceChildren();
   const { root, width, height, pad } = chartFrame(figure, "share", "Tier share per day", desc);
-  const plotW = width - pad.left - pad.right;
-  const plotH = height - pad.top - pad.bottom;
-  const step = plotW / series.length;
-  const bar = Math.max(1, step * 0.72);
-  const x = (k) => pad.left + k * step + (step - bar) / 2;
-  for (const frac of [0, 0.5, 1]) {
-    const y = pad.top + plotH * (1 - frac);
-    root.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, class: "grid" }));
-    const label = svg("text", { x: pad.left - 6, y: y + 4, class: "axis-label",
-                                "text-anchor": "end" });
-    label.textContent = `${Math.round(frac * 100)}%`;
-    root.append(label);
-  }
+  const { plotH, bar, x } = barGrid(root, width, height, pad, series.length,
+    (frac) => `${Math.round(frac * 100)}%`);
   series.forEach((d, k) => {
     const perTier = d.per_tier || {};
     const dayTotal = tiers.reduce((s, t) => s + (perTier[t] || 0), 0);
