@@ -9,6 +9,7 @@ speeds. Everything is driven with the `openai` SDK.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -149,9 +150,23 @@ def test_fifty_concurrent_streams_spread_over_both_clusters(federation):
 
 
 def batch_file(lines: list[dict]) -> bytes:
-    import json
-
     return "\n".join(json.dumps(line) for line in lines).encode()
+
+
+def chat_lines(model: str, prefix: str, text: str, count: int) -> list[dict]:
+    """`count` batch lines `<prefix><i>` asking `<text> <i>` of `model`."""
+    return [{"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": model, "messages": ask(f"{text} {i}")}} for i in range(count)]
+
+
+def start_batch(sdk: openai.OpenAI, lines: list[dict]):
+    upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+    return sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+
+
+def file_lines(sdk: openai.OpenAI, file_id: str) -> list[dict]:
+    return [json.loads(x) for x in sdk.files.content(file_id).text.splitlines()]
 
 
 def wait_batch(sdk: openai.OpenAI, batch_id: str, timeout: float = 180):
@@ -165,34 +180,27 @@ def wait_batch(sdk: openai.OpenAI, batch_id: str, timeout: float = 180):
 
 
 def test_a_batch_of_a_thousand_lines_is_split_across_clusters(federation):
-    import json
-
     gw, sims = federation
     sdk = client(gw.url)
-    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": {"model": "hpc/llama-70b", "messages": ask(f"batch question {i}")}}
-             for i in range(1000)]
+    lines = chat_lines("hpc/llama-70b", "q", "batch question", 1000)
     # Per-line errors: a body the cluster's vLLM rejects, and an invalid chat request.
     lines.append({"custom_id": "bad-model", "method": "POST", "url": "/v1/chat/completions",
                   "body": {"model": "hpc/llama-70b", "messages": ask("x"), "n": 0}})
-    upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
     runner = gw.runtime.batch_runners["hpc"]
     placed_before = dict(runner.placed)
     before = {n: len(sims[n].requests_for("llama-70b")) for n in ("alpha", "beta")}
-    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                               completion_window="24h")
-    batch = wait_batch(sdk, batch.id)
+    batch = wait_batch(sdk, start_batch(sdk, lines).id)
     assert batch.status == "completed"
     assert (batch.request_counts.total, batch.request_counts.completed,
             batch.request_counts.failed) == (1001, 1000, 1)
-    out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+    out = file_lines(sdk, batch.output_file_id)
     assert sorted(r["custom_id"] for r in out) == sorted(f"q{i}" for i in range(1000))
     for r in out:
         i = int(r["custom_id"][1:])
         body = r["response"]["body"]
         assert body["choices"][0]["message"]["content"] == answer_text(
             "llama-70b", ask(f"batch question {i}"), 20)
-    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    errors = file_lines(sdk, batch.error_file_id)
     assert [e["custom_id"] for e in errors] == ["bad-model"]
     placed = {n: runner.placed.get(n, 0) - placed_before.get(n, 0) for n in ("alpha", "beta")}
     assert placed["alpha"] > 0 and placed["beta"] > 0, placed
@@ -206,12 +214,7 @@ def test_a_batch_on_the_clusters_can_be_cancelled(federation):
     for sim in (sims["alpha"], sims["beta"]):
         sim.settings.models["llama-70b"].tokens_per_s = 4  # five seconds a line
     try:
-        lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "hpc/llama-70b", "messages": ask(f"slow {i}")}}
-                 for i in range(300)]
-        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
-        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                   completion_window="24h")
+        batch = start_batch(sdk, chat_lines("hpc/llama-70b", "c", "slow", 300))
         until(lambda: any(r.outcome == "running" for s in (sims["alpha"], sims["beta"])
                           for r in s.requests_for("llama-70b")), 60, "lines to be running")
         sdk.batches.cancel(batch.id)
@@ -299,8 +302,6 @@ def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
 def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
     """With an agent ready, a batch's chunks go to it (no job each), and every line comes
     back once through the chunk's relay channel."""
-    import json
-
     gw, server, sim, sim_server = agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 2},
         {"min_warm": 1, "max": 1, "max_concurrency": 8}, {"answer_tokens": 9})
@@ -309,15 +310,9 @@ def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
         until(lambda: pool.ready(), 60, "a warm agent")
         agent = pool.ready()[0]
         sdk = client(gw.url)
-        lines = [{"custom_id": f"a{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "hpc/m", "messages": ask(f"agent line {i}")}}
-                 for i in range(120)]
-        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
-        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                   completion_window="24h")
-        batch = wait_batch(sdk, batch.id)
+        batch = wait_batch(sdk, start_batch(sdk, chat_lines("hpc/m", "a", "agent line", 120)).id)
         assert batch.status == "completed" and batch.request_counts.completed == 120
-        out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+        out = file_lines(sdk, batch.output_file_id)
         assert sorted(r["custom_id"] for r in out) == sorted(f"a{i}" for i in range(120))
         for r in out:
             assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
@@ -332,8 +327,6 @@ def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
 def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path):
     """The agent running a chunk is killed: the lines it had answered are kept, the others run
     once more (as jobs, or on its successor), and every line is in the output once."""
-    import json
-
     gw, server, sim, sim_server = agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 3},
         {"min_warm": 1, "max": 1, "max_concurrency": 8},
@@ -343,18 +336,13 @@ def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path)
         until(lambda: pool.ready() and pool.ready()[0].pid, 60, "a warm agent")
         victim = pool.ready()[0]
         sdk = client(gw.url)
-        lines = [{"custom_id": f"k{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "hpc/m", "messages": ask(f"killed line {i}")}}
-                 for i in range(40)]
-        upload = sdk.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
-        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                   completion_window="24h")
+        batch = start_batch(sdk, chat_lines("hpc/m", "k", "killed line", 40))
         until(lambda: sum(r.outcome == "completed" for r in sim.requests_for("m")) >= 8, 60,
               "the agent to answer some lines")
         os.kill(victim.pid, signal.SIGKILL)
         batch = wait_batch(sdk, batch.id)
         assert batch.status == "completed" and batch.request_counts.completed == 40
-        out = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+        out = file_lines(sdk, batch.output_file_id)
         assert sorted(r["custom_id"] for r in out) == sorted(f"k{i}" for i in range(40))
         for r in out:
             assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
