@@ -26,7 +26,10 @@ from streamllm.store import (
     db,
     default_url,
 )
+from streamllm.gateway import accounting
+from streamllm.store import usage as ledger
 from streamllm.store.tables import metadata
+from streamllm.store.usage import UsageRow
 
 HEAD = ScriptDirectory.from_config(db.alembic_config()).get_current_head()
 
@@ -436,3 +439,39 @@ async def test_url_property_of_a_sqlite_store_is_its_url(tmp_path: Path) -> None
         assert store.url == url
     finally:
         await store.close()
+
+
+# the usage ledger's writer
+
+
+def usage_row(request_id: str) -> UsageRow:
+    return UsageRow(
+        request_id=request_id, caller="alice", key_id=None, tier="local", model="m",
+        complexity="LOW", route_reason="test", prompt_tokens=3, completion_tokens=5,
+        cost_usd=0.0, ttft_ms=1.0, duration_ms=2.0, outcome="completed", fallbacks=0,
+        created_at=1_790_000_000.0)
+
+
+async def test_stopping_the_ledger_while_it_writes_keeps_every_row(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The background writer is held inside a write when the gateway stops. Cancelling it
+    # there lost the rows it had taken (seen as a batch's usage rows missing after a restart).
+    real_insert = ledger.insert_rows
+    writing, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_insert(target: Store, rows: Any) -> None:
+        writing.set()
+        await go_on.wait()
+        await real_insert(target, rows)
+
+    monkeypatch.setattr(accounting.ledger, "insert_rows", held_insert)
+    accounts = accounting.Accounts(store, everyone_budget=None)
+    accounts.start()
+    for i in range(3):
+        accounts.record(usage_row(f"req-{i}"))
+    await writing.wait()  # the writer has taken the rows and is writing them
+    stopping = asyncio.create_task(accounts.stop())
+    go_on.set()
+    await stopping
+    for i in range(3):
+        assert await ledger.row_for(store, f"req-{i}") == usage_row(f"req-{i}")

@@ -73,8 +73,11 @@ class Accounts:
 
     async def stop(self) -> None:
         if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+            # Stopped between writes (holding the flush lock), never in the middle of one:
+            # cancelling a write under way would lose the rows it had taken.
+            async with self._flushing:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
         await self.flush()
 
     def record(self, row: UsageRow) -> None:
