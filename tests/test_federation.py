@@ -253,6 +253,50 @@ def test_a_cluster_whose_relay_dies_is_avoided(federation):
         assert text == answer_text("llama-70b", messages, 20)
 
 
+def test_a_chunk_whose_relay_dies_brings_its_results_back_in_the_job_result(tmp_path):
+    """The relay of the cluster running a chunk is stopped midway. The job goes on; the lines
+    it answers after that come back in the control plane's result instead of being run again,
+    and only the few whose frames were in flight when the relay went run once more."""
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+
+    sims = {n: Simulator(SimSettings(models={
+        "m": SimModelSettings(answer_tokens=6, tokens_per_s=24)})) for n in ("a", "b")}
+    servers = {n: ServerThread(s.app).start() for n, s in sims.items()}
+    gw, server = start({n: {"base_url": f"{servers[n].url}/v1", "models": ["m"],
+                            "control_plane": "local", "local_workers": 2} for n in sims},
+                       tmp_path)
+    try:
+        until(lambda: all(c.state() == "ready" for c in gw.runtime.backends["hpc"].clusters),
+              60, "both clusters to be ready")
+        sdk = client(gw.url)
+        batch = start_batch(sdk, chat_lines("hpc/m", "r", "relay line", 48))  # one chunk
+
+        def answered(name: str) -> int:
+            return sum(r.outcome == "completed" for r in sims[name].requests_for("m"))
+
+        until(lambda: max(answered("a"), answered("b")) >= 8, 60, "some lines answered")
+        victim = "a" if answered("a") >= 8 else "b"
+        on_loop(gw.server, gw.cluster(victim).relay.stop())
+        at_kill = answered(victim)
+        batch = wait_batch(sdk, batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 48
+        out = file_lines(sdk, batch.output_file_id)
+        assert sorted(r["custom_id"] for r in out) == sorted(f"r{i}" for i in range(48))
+        for r in out:
+            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
+                "m", ask(f"relay line {r['custom_id'][1:]}"), 6)
+        # Most of the chunk was answered on the victim after its relay had gone ...
+        assert answered(victim) - at_kill >= 48 - at_kill - 8
+        # ... and was not run again: at most the lines in flight (8 at once) ran twice.
+        ran = sum(len(sim.requests_for("m")) for sim in sims.values())
+        assert ran <= 48 + 8, ran
+    finally:
+        server.stop()
+        for s in servers.values():
+            s.stop()
+
+
 # -- warm agents ----------------------------------------------------------------------------
 
 
