@@ -368,6 +368,38 @@ def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
         sim_server.stop()
 
 
+def test_cancelling_a_batch_aborts_its_lines_on_the_agent_and_keeps_the_agent(tmp_path):
+    gw, server, sim, sim_server = agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 2},
+        {"min_warm": 1, "max": 1, "max_concurrency": 8},
+        {"answer_tokens": 20, "tokens_per_s": 4})  # five seconds a line
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready(), 60, "a warm agent")
+        agent = pool.ready()[0]
+        sdk = client(gw.url)
+        batch = start_batch(sdk, chat_lines("hpc/m", "x", "cancelled line", 100))
+        until(lambda: any(r.outcome == "running" for r in sim.requests_for("m")), 60,
+              "lines to be running on the agent")
+        sdk.batches.cancel(batch.id)
+        batch = wait_batch(sdk, batch.id)
+        assert batch.status == "cancelled" and batch.request_counts.completed < 100
+        until(lambda: all(r.outcome != "running" for r in sim.requests_for("m")), 30,
+              "the lines in flight to be aborted")
+        assert any(r.outcome == "cancelled" for r in sim.requests_for("m"))
+        assert len(sim.requests_for("m")) < 100, "lines not started were not started"
+        # The agent is the same one, still ready, and goes on serving.
+        assert pool.ready() == [agent] and agent.served >= 1
+        sim.settings.models["m"].tokens_per_s = 200
+        messages = ask("after the cancel")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 20)
+        assert headers["x-stream-dispatch"] == "agent" and pool.launched == 1
+    finally:
+        server.stop()
+        sim_server.stop()
+
+
 def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path):
     """The agent running a chunk is killed: the lines it had answered are kept, the others run
     once more (as jobs, or on its successor), and every line is in the output once."""
