@@ -236,6 +236,35 @@ def test_a_batch_on_the_clusters_can_be_cancelled(federation):
             sim.settings.models["llama-70b"].tokens_per_s = 50
 
 
+def test_a_retry_with_the_same_idempotency_key_joins_the_job_on_the_same_cluster(federation):
+    """Two clusters serve the model and the first try keeps one busy: the retry, sent while
+    the first is still running, still goes to that cluster and joins its job."""
+    gw, sims = federation
+    messages = ask("one expensive question, retried across the federation")
+
+    async def both():
+        c = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="u", max_retries=0)
+        try:
+            async def read():
+                raw = await c.chat.completions.with_raw_response.create(
+                    model="hpc/llama-70b", messages=messages, stream=True,
+                    extra_headers={"Idempotency-Key": "fed-retry-1"})
+                text = "".join([x.delta.content or "" async for ch in raw.parse()
+                                for x in ch.choices])
+                return text, raw.headers["x-stream-cluster"]
+            return await asyncio.gather(read(), read())
+        finally:
+            await c.close()
+
+    (first, at_first), (second, at_second) = asyncio.run(both())
+    expected = answer_text("llama-70b", messages, 20)
+    assert first == expected and second == expected
+    assert at_first == at_second
+    ran = [r for n in ("alpha", "beta") for r in sims[n].requests_for("llama-70b")
+           if r.body["messages"] == messages]
+    assert len(ran) == 1, "one job on one cluster"
+
+
 def test_a_cluster_whose_relay_dies_is_avoided(federation):
     # Last in this module: alpha stays without its relay.
     gw, sims = federation

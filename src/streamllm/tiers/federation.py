@@ -12,12 +12,17 @@ holds the request until the cluster is ready (up to `cold_start_wait_s`), then s
 says where it stood in `x-stream-queue-position` and `x-stream-estimated-wait-s`. A request
 sent to a cold cluster is never dispatched before the cluster is ready: its job would only meet
 a server that is still loading.
+
+A request carrying an idempotency key goes to the cluster that took the first request with that
+key (while it is not offline), so that a retry joins the job already running there instead of
+starting a second one on another cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +39,7 @@ from streamllm.tiers.openai_http import has_output
 STATE_RANK = {"ready": 0, "starting": 1, "queued": 2, "offline": 3}
 FAILED_FOR_S = 10.0  # a cluster that just failed is tried after the others for this long
 READY_POLL_S = 0.25  # how often a request held for a cold cluster looks again
+MAX_KEYS = 10_000  # idempotency keys remembered at most (as each cluster's submitter)
 
 
 class ClusterStarting(BackendFailed):
@@ -108,6 +114,8 @@ class FederatedHPCBackend:
     clusters: list[Cluster]
     name: str = ""
     models: list[str] = field(default_factory=list)
+    # idempotency key -> (when, the cluster that took it), oldest first
+    _keyed: OrderedDict[str, tuple[float, Cluster]] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.name = (f"{len(self.clusters)} clusters: " if len(self.clusters) > 1 else "") + \
@@ -130,8 +138,31 @@ class FederatedHPCBackend:
     def endpoints(self, model: str) -> list[dict[str, Any]]:
         return [c.describe() for c in self.serving(model)]
 
+    def _took(self, key: str | None) -> Cluster | None:
+        """The cluster a request with this idempotency key went to, within its TTL."""
+        if key is None:
+            return None
+        now = time.monotonic()
+        while self._keyed:
+            oldest, (at, cluster) = next(iter(self._keyed.items()))
+            if now - at <= cluster.settings.idempotency_ttl_s and len(self._keyed) <= MAX_KEYS:
+                break
+            del self._keyed[oldest]
+        found = self._keyed.get(key)
+        return found[1] if found else None
+
+    def _taken_by(self, dispatch: Dispatch, cluster: Cluster) -> None:
+        if dispatch.idempotency_key:
+            self._keyed.pop(dispatch.idempotency_key, None)
+            self._keyed[dispatch.idempotency_key] = (time.monotonic(), cluster)
+
     def _plan(self, model: str, dispatch: Dispatch) -> list[Cluster]:
         ordered = self.candidates(model)
+        took = self._took(dispatch.idempotency_key)
+        if took in ordered and took.state() != "offline":
+            # A retry: the job it may join runs there (the cluster's submitter decides).
+            ordered.remove(took)
+            ordered.insert(0, took)
         if not ordered:
             raise BackendFailed(f"{self.tier}: no cluster serves {model}", tier=self.tier)
         ready = [c for c in ordered if c.state() == "ready"]
@@ -180,6 +211,7 @@ class FederatedHPCBackend:
                 if (cold := await self._hold(cluster)) is not None:
                     failures.append(cold)
                     continue
+                self._taken_by(dispatch, cluster)
                 stream = cluster.backend.stream(body, dispatch)
                 try:
                     async for batch in stream:
@@ -217,6 +249,7 @@ class FederatedHPCBackend:
                 if (cold := await self._hold(cluster)) is not None:
                     failures.append(cold)
                     continue
+                self._taken_by(dispatch, cluster)
                 result = await cluster.backend.complete(body, dispatch)
             except (BackendRejected, ContextTooLong):
                 raise
