@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from streamllm.config import SimModelSettings, SimSettings
@@ -130,3 +132,41 @@ def test_a_local_plane_goes_on_after_a_worker_is_killed():
         assert after != first
     finally:
         plane.shutdown()
+
+
+def _say_and_stay(path: str) -> None:
+    """A long job (as a warm agent is) that says when it has started."""
+    import time
+
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def test_shutting_a_local_plane_down_stops_its_running_jobs(tmp_path):
+    """A job still running at shutdown is stopped, or the gateway's exit would wait for it."""
+    import time
+
+    started = tmp_path / "started"
+    plane = LocalControlPlane(max_workers=1)
+    try:
+        plane.submit(_say_and_stay, str(started))
+        deadline = time.monotonic() + 60
+        while not (started.exists() and started.read_text()):
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        pid = int(started.read_text())
+    finally:
+        plane.shutdown()
+
+    def running() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running():
+        assert time.monotonic() < deadline, "the worker still runs its job after shutdown"
+        time.sleep(0.05)

@@ -77,8 +77,13 @@ class LocalControlPlane:
 
 
 def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    if hasattr(pool, "terminate_workers"):  # Python 3.14 and later
+        pool.terminate_workers()
+        return
+    # Before 3.14 the pool offers no way to stop running workers but its private table.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         process.terminate()
 
 
