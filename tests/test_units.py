@@ -326,3 +326,26 @@ def test_json_logs_carry_the_request_id_and_nothing_else_is_added():
     assert first["request_id"] == "req-42" and first["message"] == "tier hpc failed"
     assert first["level"] == "warning" and first["logger"] == "streamllm.test-json"
     assert "request_id" not in second
+
+
+def test_a_clusters_estimated_wait_counts_down_from_the_agent_furthest_along():
+    from types import SimpleNamespace
+
+    from streamllm.config import AgentSettings
+    from streamllm.tiers.agents import AgentPool
+
+    now = [1000.0]
+    pool = AgentPool("c", AgentSettings(), plane=None, relay_url="", secret=b"",  # type: ignore[arg-type]
+                     backend_url="", clock=lambda: now[0])
+    assert pool.estimated_wait_s() == 60.0  # nothing known, nothing starting
+    pool.startup_seconds = 300.0
+    pool.agents["a"] = SimpleNamespace(phase="starting", launched_at=900.0)
+    pool.agents["b"] = SimpleNamespace(phase="queued", launched_at=990.0)
+    pool.agents["old"] = SimpleNamespace(phase="ready", launched_at=100.0)
+    assert pool.estimated_wait_s() == 200.0  # "a" has had 100 of its usual 300 s
+    now[0] = 1150.0
+    assert pool.estimated_wait_s() == 50.0
+    now[0] = 1300.0
+    assert pool.estimated_wait_s() == 0.0  # later than usual: any moment now
+    pool.agents["a"].phase = pool.agents["b"].phase = "gone"
+    assert pool.estimated_wait_s() == 300.0  # none coming: a whole start

@@ -156,7 +156,15 @@ class AgentPool:
         return len(self._overflow)
 
     def estimated_wait_s(self) -> float:
-        return self.startup_seconds if self.startup_seconds is not None else 60.0
+        """How long until an agent is likely ready: the usual start time (60 s before any
+        agent has started), less what the agent furthest along has already taken; 0 when it
+        is taking longer than usual."""
+        usual = self.startup_seconds if self.startup_seconds is not None else 60.0
+        coming = [a.launched_at for a in self.agents.values()
+                  if a.phase in ("queued", "starting")]
+        if not coming:
+            return usual
+        return max(0.0, usual - (self.clock() - min(coming)))
 
     # -- requests ---------------------------------------------------------------------------------
     def dispatch(self, agent: Agent, job: dict[str, Any],
