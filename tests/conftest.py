@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,15 @@ class RunningGateway:
     @property
     def v1(self) -> str:
         return f"{self.server.url}/v1"
+
+
+def until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    """Poll a condition of the running system (not a sleep standing in for synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def closed_port() -> int:

@@ -23,6 +23,7 @@ from streamllm.config import Settings
 from streamllm.gateway import create_app
 from streamllm.serving import ServerThread
 from streamllm.sim.content import answer_text
+from tests.conftest import until
 
 
 def ask(text: str) -> list[dict[str, str]]:
@@ -38,15 +39,6 @@ def stream_text(url: str, model: str, messages) -> tuple[str, dict]:
         model=model, messages=messages, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     return text, dict(raw.headers)
-
-
-def until(condition, timeout: float, what: str) -> None:
-    """Poll a condition of the running system (not a sleep standing in for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def on_loop(server, coro, timeout: float = 30.0):
@@ -666,7 +658,9 @@ def cold_cluster(tmp_path, sim_url: str, wait_s: float):
 
 def test_a_request_waits_for_a_starting_cluster_and_is_told_where_it_stood(tmp_path):
     """`cold_start: wait`: the request is held (it shows in the cluster's queue) until the
-    cluster's server is up and its agent ready, then answered through the agent."""
+    cluster's server is up and its agent ready, then answered through the agent. A streamed
+    request held longer than a few seconds gets its response started, with its place in the
+    queue in the headers and a note as an SSE comment, which the `openai` SDK skips."""
     from streamllm.config import SimModelSettings, SimSettings
     from streamllm.sim.app import Simulator
 
@@ -674,30 +668,54 @@ def test_a_request_waits_for_a_starting_cluster_and_is_told_where_it_stood(tmp_p
     sim_server = ServerThread(sim.app)  # bound, not serving yet: the model still loading
     app = cold_cluster(tmp_path, f"{sim_server.url}/v1", 600)
     try:
-        with ServerThread(app) as server, ThreadPoolExecutor(1) as pool:
+        with ServerThread(app) as server, ThreadPoolExecutor(1) as pool, \
+                httpx.Client(base_url=server.url, timeout=60) as http:
             cluster = app.state.runtime.backends["hpc"].clusters[0]
             until(lambda: cluster.pool.counts()["starting"] == 1, 60, "the agent to start")
             messages = ask("worth the wait?")
             waiting = pool.submit(stream_text, server.url, "hpc/m", messages)
             until(lambda: cluster.waiting == 1, 30, "the request to be held")
-            endpoint = httpx.get(f"{server.url}/v1/models/hpc/m", timeout=10).json()[
-                "endpoints"][0]
+            endpoint = http.get("/v1/models/hpc/m").json()["endpoints"][0]
             assert endpoint["state"] == "starting" and endpoint["queue_position"] == 1
-            assert not waiting.done() and not sim.requests_for("m")  # nothing reached it
-            sim_server.start()
+            raw_messages = ask("and with a raw client?")
+            with http.stream("POST", "/v1/chat/completions", json={
+                    "model": "hpc/m", "messages": raw_messages, "stream": True}) as raw:
+                # Headers and a note (after WAIT_NOTE_AFTER_S) while nothing has reached the
+                # server yet.
+                assert raw.status_code == 200
+                assert raw.headers["x-stream-queue-position"] == "2"
+                assert int(raw.headers["x-stream-estimated-wait-s"]) > 0
+                assert raw.headers["x-stream-cluster"] == "a"
+                lines = raw.iter_lines()
+                note = next(lines)
+                assert note.startswith(": waiting for cluster a (starting), about ")
+                assert not waiting.done() and not sim.requests_for("m")
+                sim_server.start()
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            chunks = [json.loads(line[6:]) for line in rest[:-1] if line.startswith("data: ")]
+            assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if c["choices"]) == answer_text("m", raw_messages, 6)
             text, headers = waiting.result(timeout=60)
             assert text == answer_text("m", messages, 6)
             assert headers["x-stream-queue-position"] == "1"
             assert int(headers["x-stream-estimated-wait-s"]) > 0
-            assert headers["x-stream-dispatch"] == "agent"
             assert cluster.waiting == 0
+            # Sent once the cluster is ready, a request goes straight through the agent.
+            text, headers = stream_text(server.url, "hpc/m", messages)
+            assert "x-stream-queue-position" not in headers
+            assert headers["x-stream-dispatch"] == "agent"
     finally:
         sim_server.stop()
 
 
-def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path):
+def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path, monkeypatch):
     from streamllm.config import SimModelSettings, SimSettings
     from streamllm.sim.app import Simulator
+    from streamllm.tiers import federation
+
+    # The streamed request below is to have its response started within the 1 s it may wait.
+    monkeypatch.setattr(federation, "WAIT_NOTE_AFTER_S", 0.3)
 
     sim = Simulator(SimSettings(models={"m": SimModelSettings()}))
     sim_server = ServerThread(sim.app)  # never serves
@@ -709,6 +727,13 @@ def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path):
             with pytest.raises(openai.APIStatusError) as failed:
                 client(server.url).chat.completions.create(model="hpc/m", messages=ask("hi"))
             assert failed.value.status_code == 503
+            assert "still starting after 1 s" in failed.value.message
+            # Streamed, the response had begun while it waited: the failure ends it as an
+            # error event, which the SDK raises.
+            with pytest.raises(openai.APIError) as failed:
+                for _ in client(server.url).chat.completions.create(
+                        model="hpc/m", messages=ask("hi"), stream=True):
+                    pass
             assert "still starting after 1 s" in failed.value.message
             assert cluster.waiting == 0 and not sim.requests_for("m")
             # An agent still waiting for its server listens: drained, it gives its node back.

@@ -41,7 +41,7 @@ from streamllm.protocol.sse import DONE, encode
 from streamllm.context.manager import Outcome
 from streamllm.routing.policy import Candidate, RequestFacts, Route
 from streamllm.tiers.adapt import backend_body
-from streamllm.tiers.base import Chunk, Dispatch
+from streamllm.tiers.base import WAITING, Chunk, Dispatch, is_waiting_note
 from streamllm.tiers.openai_http import has_output
 
 log = logging.getLogger("streamllm.gateway")
@@ -365,7 +365,9 @@ class ChatHandler:
             try:
                 async for batch in stream:
                     held.extend(batch)
-                    if any(has_output(chunk.data) for chunk in batch):
+                    # A waiting note (a cluster still starting) starts the response too: the
+                    # tier has taken the request and holds it in its queue.
+                    if any(has_output(chunk.data) or is_waiting_note(chunk) for chunk in batch):
                         break
             except (BackendFailed, ContextTooLong) as e:
                 await stream.aclose()
@@ -392,14 +394,16 @@ class ChatHandler:
         try:
             ticket.usage = _usage_in(held) or ticket.usage
             _collect(held, answer)
-            ticket.output()
+            if not all(is_waiting_note(chunk) for chunk in held):
+                ticket.output()
             yield _for_client(held, chunk_id, include_usage)
             async for batch in stream:
                 ticket.usage = _usage_in(batch) or ticket.usage
                 _collect(batch, answer)
                 out = _for_client(batch, chunk_id, include_usage)
                 if out:
-                    ticket.output()
+                    if not all(is_waiting_note(chunk) for chunk in batch):
+                        ticket.output()
                     yield out
             await ticket.keep("completed")
             # In the ledger before the client sees the end: its next request may ask for it.
@@ -468,6 +472,9 @@ def _for_client(batch: list[Chunk], chunk_id: str, include_usage: bool) -> bytes
     out = []
     for chunk in batch:
         data = chunk.data
+        if is_waiting_note(chunk):
+            out.append(b": " + str(data[WAITING]).replace("\n", " ").encode() + b"\n\n")
+            continue
         if not include_usage and not data.get("choices") and data.get("usage") is not None:
             continue  # the usage chunk we asked for on our own account
         out.append(b"data: " + _rewrite(chunk, chunk_id, include_usage).encode() + b"\n\n")

@@ -15,6 +15,21 @@ class Chunk(NamedTuple):
     raw: str
 
 
+WAITING = "stream.waiting"  # the key of a waiting chunk's data
+
+
+def waiting_note(note: str) -> Chunk:
+    """A chunk that only says the request is waiting (for a cluster that is still starting).
+    The gateway starts the response on it, so the client gets the queue headers at once, and
+    sends it as an SSE comment line, which OpenAI clients skip; the comments also keep the
+    connection from idling out during a start that takes minutes."""
+    return Chunk({WAITING: note}, "")
+
+
+def is_waiting_note(chunk: Chunk) -> bool:
+    return WAITING in chunk.data
+
+
 @dataclass
 class ProbeResult:
     ok: bool

@@ -32,13 +32,20 @@ from streamllm.errors import BackendFailed, BackendRejected, ContextTooLong
 from streamllm.hpc.control import ControlPlane
 from streamllm.relay.server import RelayServer
 from streamllm.tiers.agents import AgentPool
-from streamllm.tiers.base import Chunk, Dispatch, ProbeResult
+from streamllm.tiers.base import Chunk, Dispatch, ProbeResult, waiting_note
 from streamllm.tiers.hpc import HPCRelayBackend
 from streamllm.tiers.openai_http import has_output
 
 STATE_RANK = {"ready": 0, "starting": 1, "queued": 2, "offline": 3}
 FAILED_FOR_S = 10.0  # a cluster that just failed is tried after the others for this long
 READY_POLL_S = 0.25  # how often a request held for a cold cluster looks again
+# A streamed request held for a cold cluster longer than WAIT_NOTE_AFTER_S gets its response
+# started, with the queue headers, and is told where it stands every WAIT_NOTE_EVERY_S (an SSE
+# comment), which also keeps proxies and clients from timing out an idle connection. A shorter
+# hold (a control plane finishing its warm-up) is not worth losing the headers only known at
+# dispatch (`x-stream-dispatch`, `x-stream-transport`).
+WAIT_NOTE_AFTER_S = 5.0
+WAIT_NOTE_EVERY_S = 15.0
 MAX_KEYS = 10_000  # idempotency keys remembered at most (as each cluster's submitter)
 
 
@@ -185,17 +192,35 @@ class FederatedHPCBackend:
         return waiting
 
     # -- requests -----------------------------------------------------------------------------
-    async def _hold(self, cluster: Cluster) -> str | None:
-        """Wait for a cold cluster to be ready (in its queue meanwhile); why not, if it is not."""
+    async def _hold(self, cluster: Cluster, notes: bool) -> AsyncIterator[str]:
+        """Hold a request for a cold cluster until it is ready, offline, or `cold_start_wait_s`
+        has passed, in the cluster's queue meanwhile. With `notes`, a note on where it stands
+        comes after WAIT_NOTE_AFTER_S and then every WAIT_NOTE_EVERY_S."""
         if cluster.state() == "ready":
-            return None
+            return
         cluster.waiting += 1
         try:
-            state = await cluster.until_ready(cluster.settings.cold_start_wait_s)
+            deadline = time.monotonic() + cluster.settings.cold_start_wait_s
+            step = WAIT_NOTE_AFTER_S
+            while True:
+                left = deadline - time.monotonic()
+                state = await cluster.until_ready(min(left, step) if notes else left)
+                if state in ("ready", "offline") or time.monotonic() >= deadline:
+                    return
+                yield (f"waiting for cluster {cluster.name} ({state}), about "
+                       f"{round(cluster.pool.estimated_wait_s())} s")
+                step = WAIT_NOTE_EVERY_S
         finally:
             cluster.waiting -= 1
+
+    @staticmethod
+    def _still_cold(cluster: Cluster) -> str | None:
+        """Why a held request cannot go to `cluster` after all; None when it is ready."""
+        state = cluster.state()
         if state == "ready":
             return None
+        if state == "offline":
+            return f"{cluster.name}: went offline while the request waited for it"
         return (f"{cluster.name}: still {state} after "
                 f"{cluster.settings.cold_start_wait_s:.0f} s (cold_start_wait_s)")
 
@@ -208,7 +233,12 @@ class FederatedHPCBackend:
             stream = None
             held: list[Chunk] = []
             try:
-                if (cold := await self._hold(cluster)) is not None:
+                async for note in self._hold(cluster, notes=True):
+                    # The response starts here (the client sees the queue headers now): the
+                    # request is this tier's from here on.
+                    dispatch.headers["x-stream-cluster"] = cluster.name
+                    yield [waiting_note(note)]
+                if (cold := self._still_cold(cluster)) is not None:
                     failures.append(cold)
                     continue
                 self._taken_by(dispatch, cluster)
@@ -246,7 +276,9 @@ class FederatedHPCBackend:
         for cluster in self._plan(body.get("model", ""), dispatch):
             cluster.inflight += 1
             try:
-                if (cold := await self._hold(cluster)) is not None:
+                async for _ in self._hold(cluster, notes=False):
+                    pass
+                if (cold := self._still_cold(cluster)) is not None:
                     failures.append(cold)
                     continue
                 self._taken_by(dispatch, cluster)
