@@ -52,6 +52,14 @@ def until(condition: Callable[[], Any], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def hpc_ready(app: Any, timeout: float = 120) -> None:
+    """Wait until every cluster of the app's `hpc` tier is ready. A streamed request held
+    longer than a few seconds for a cluster's warm-up has its response started before
+    dispatch, without the `x-stream-dispatch`/`x-stream-transport` headers some tests read."""
+    clusters = app.state.runtime.backends["hpc"].clusters
+    until(lambda: all(c.state() == "ready" for c in clusters), timeout, "the clusters to be ready")
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (connections are refused)."""
     s = socket.socket()

@@ -171,6 +171,18 @@ def wait_batch(sdk: openai.OpenAI, batch_id: str, timeout: float = 180):
     return batch
 
 
+def assert_every_line_answered(sdk: openai.OpenAI, batch, prefix: str, text: str, count: int,
+                               tokens: int, model: str = "m") -> None:
+    """The batch completed with each of its `count` lines (from `chat_lines`) in the output
+    once, with the answer the model gives it."""
+    assert batch.status == "completed" and batch.request_counts.completed == count
+    out = file_lines(sdk, batch.output_file_id)
+    assert sorted(r["custom_id"] for r in out) == sorted(f"{prefix}{i}" for i in range(count))
+    for r in out:
+        assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
+            model, ask(f"{text} {r['custom_id'].removeprefix(prefix)}"), tokens)
+
+
 def test_a_batch_of_a_thousand_lines_is_split_across_clusters(federation):
     gw, sims = federation
     sdk = client(gw.url)
@@ -301,12 +313,7 @@ def test_a_chunk_whose_relay_dies_brings_its_results_back_in_the_job_result(tmp_
         on_loop(gw.server, gw.cluster(victim).relay.stop())
         at_kill = answered(victim)
         batch = wait_batch(sdk, batch.id)
-        assert batch.status == "completed" and batch.request_counts.completed == 48
-        out = file_lines(sdk, batch.output_file_id)
-        assert sorted(r["custom_id"] for r in out) == sorted(f"r{i}" for i in range(48))
-        for r in out:
-            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
-                "m", ask(f"relay line {r['custom_id'][1:]}"), 6)
+        assert_every_line_answered(sdk, batch, "r", "relay line", 48, tokens=6)
         # Most of the chunk was answered on the victim after its relay had gone ...
         assert answered(victim) - at_kill >= 48 - at_kill - 8
         # ... and was not run again: at most the lines in flight (8 at once) ran twice.
@@ -376,12 +383,7 @@ def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
         agent = pool.ready()[0]
         sdk = client(gw.url)
         batch = wait_batch(sdk, start_batch(sdk, chat_lines("hpc/m", "a", "agent line", 120)).id)
-        assert batch.status == "completed" and batch.request_counts.completed == 120
-        out = file_lines(sdk, batch.output_file_id)
-        assert sorted(r["custom_id"] for r in out) == sorted(f"a{i}" for i in range(120))
-        for r in out:
-            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
-                "m", ask(f"agent line {r['custom_id'][1:]}"), 9)
+        assert_every_line_answered(sdk, batch, "a", "agent line", 120, tokens=9)
         assert agent.served == 3  # 120 lines in chunks of 50: three chunks, all on the agent
         assert len(sim.requests_for("m")) == 120
     finally:
@@ -438,12 +440,7 @@ def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path)
               "the agent to answer some lines")
         os.kill(victim.pid, signal.SIGKILL)
         batch = wait_batch(sdk, batch.id)
-        assert batch.status == "completed" and batch.request_counts.completed == 40
-        out = file_lines(sdk, batch.output_file_id)
-        assert sorted(r["custom_id"] for r in out) == sorted(f"k{i}" for i in range(40))
-        for r in out:
-            assert r["response"]["body"]["choices"][0]["message"]["content"] == answer_text(
-                "m", ask(f"killed line {r['custom_id'][1:]}"), 6)
+        assert_every_line_answered(sdk, batch, "k", "killed line", 40, tokens=6)
         assert victim.phase == "gone"
         # Lines answered before the kill were not run again: only those cut off (at most the
         # chunk's 8 lines at once) ran twice.

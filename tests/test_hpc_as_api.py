@@ -13,7 +13,7 @@ from streamllm.errors import ConfigError
 from streamllm.gateway import create_app
 from streamllm.serving import ServerThread
 from streamllm.sim.content import answer_text
-from tests.conftest import closed_port, until
+from tests.conftest import closed_port, hpc_ready
 from tests.test_cli import STREAMLLM, clean_env
 
 KEY = "sk-stream-hpc-as-api-test-key-1"
@@ -37,10 +37,7 @@ def hpc_api(tmp_path_factory):
     keys.write_text(f"# issued to the genomics group\n{KEY}\n")
     app = create_app(profile(tmp, api_keys_file=str(keys)))
     with ServerThread(app) as server:
-        # Ready first: a request held through the warm-up would be answered as well, but a
-        # long hold starts the response before dispatch, without the transport headers.
-        cluster = app.state.runtime.backends["hpc"].clusters[0]
-        until(lambda: cluster.state() == "ready", 60, "the cluster to be ready")
+        hpc_ready(app)
         yield app, server.url
 
 

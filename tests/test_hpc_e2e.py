@@ -26,6 +26,7 @@ from streamllm.hpc.worker import ping
 from streamllm.serving import ServerThread
 from streamllm.sim.app import Simulator
 from streamllm.sim.content import answer_text
+from tests.conftest import hpc_ready
 
 STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 SECRET = "e2e-relay-secret-that-is-long-enough-0123456789"
@@ -83,6 +84,7 @@ def gateway(cluster, tmp_path_factory):
     _, cluster_url, cloud_url = cluster
     app = create_app(gateway_settings(tmp_path_factory.mktemp("gw"), cluster_url, cloud_url))
     with ServerThread(app) as server:
+        hpc_ready(app)
         yield app.state.runtime, server.url
 
 
@@ -320,6 +322,7 @@ def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
         )
         app = create_app(settings)
         with ServerThread(app) as server:
+            hpc_ready(app)
             messages = ask("stream this while the relay dies")
             raw = client(server.url).chat.completions.with_raw_response.create(
                 model="hpc/slow", messages=messages, stream=True
@@ -347,6 +350,7 @@ def test_batch_transport_answers_from_the_control_plane_result_alone(cluster, tm
     app = create_app(settings)
     assert app.state.runtime.relay is None
     with ServerThread(app) as server:
+        hpc_ready(app)
         c = client(server.url)
         for stream in (True, False):
             messages = ask(f"no relay at this site (stream={stream})")
@@ -407,6 +411,7 @@ def test_relay_over_tls_with_the_secret_in_the_environment(cluster, tmp_path, mo
                                     relay_url=f"wss://127.0.0.1:{port}")
         app = create_app(settings)
         with ServerThread(app) as server:
+            hpc_ready(app)
             messages = ask("over TLS please")
             raw = client(server.url).chat.completions.with_raw_response.create(
                 model="hpc/m", messages=messages, stream=True
