@@ -687,6 +687,12 @@ def test_a_request_waits_for_a_starting_cluster_and_is_told_where_it_stood(tmp_p
                 note = next(lines)
                 assert note.startswith(": waiting for cluster a (starting), about ")
                 assert not waiting.done() and not sim.requests_for("m")
+                # A client that leaves while it waits leaves the queue.
+                with http.stream("POST", "/v1/chat/completions", json={
+                        "model": "hpc/m", "messages": ask("never mind"), "stream": True}) as gone:
+                    assert cluster.waiting == 3  # its response has started: it is held
+                    assert next(gone.iter_lines()).startswith(": waiting for cluster a")
+                until(lambda: cluster.waiting == 2, 10, "the client that left to leave the queue")
                 sim_server.start()
                 rest = [line for line in lines if line]
             assert rest[-1] == "data: [DONE]"

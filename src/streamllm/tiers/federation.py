@@ -21,6 +21,7 @@ starting a second one on another cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -233,11 +234,14 @@ class FederatedHPCBackend:
             stream = None
             held: list[Chunk] = []
             try:
-                async for note in self._hold(cluster, notes=True):
-                    # The response starts here (the client sees the queue headers now): the
-                    # request is this tier's from here on.
-                    dispatch.headers["x-stream-cluster"] = cluster.name
-                    yield [waiting_note(note)]
+                # Closed with this stream (a client that leaves while it waits), so that it
+                # leaves the cluster's queue at once.
+                async with contextlib.aclosing(self._hold(cluster, notes=True)) as notes:
+                    async for note in notes:
+                        # The response starts here (the client sees the queue headers now):
+                        # the request is this tier's from here on.
+                        dispatch.headers["x-stream-cluster"] = cluster.name
+                        yield [waiting_note(note)]
                 if (cold := self._still_cold(cluster)) is not None:
                     failures.append(cold)
                     continue
