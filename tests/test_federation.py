@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -746,3 +747,49 @@ def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path, mo
             assert agent.job.result()["error"] == "drained while waiting for the backend"
     finally:
         sim_server.stop()
+
+
+def test_a_cluster_whose_relay_restarts_comes_back_with_a_new_agent(tmp_path):
+    """The cluster's relay (its own process) is killed and started again on the same port. The
+    cluster goes offline; once the relay is back it is ready again, its lost agent replaced,
+    and requests go through the new agent."""
+    from streamllm.config import SimModelSettings, SimSettings
+    from streamllm.sim.app import Simulator
+    from tests.test_hpc_e2e import SECRET, STREAMLLM, start_relay
+
+    secret = tmp_path / "relay.secret"
+    secret.write_text(SECRET)
+    relay, port = start_relay("--secret-file", str(secret))
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=8)}))
+    sim_server = ServerThread(sim.app).start()
+    gw, server = start({"a": {
+        "base_url": f"{sim_server.url}/v1", "models": ["m"], "control_plane": "local",
+        "local_workers": 3, "relay_url": f"ws://127.0.0.1:{port}",
+        "relay_secret_file": str(secret),
+        "agents": {"min_warm": 1, "max": 1, "heartbeat_s": 1}}}, tmp_path,
+        routing={"health_interval_s": 0.5})
+    try:
+        cluster = gw.cluster("a")
+        until(lambda: cluster.state() == "ready", 60, "the cluster to be ready")
+        first = cluster.pool.ready()[0]
+        messages = ask("before the relay restarts")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 8) and headers["x-stream-dispatch"] == "agent"
+
+        relay.kill()
+        relay.wait()
+        until(lambda: cluster.state() == "offline", 30, "the cluster to go offline")
+        relay = subprocess.Popen([STREAMLLM, "relay", "--port", str(port), "--secret-file",
+                                  str(secret)], stderr=subprocess.DEVNULL)
+        until(lambda: cluster.state() == "ready" and cluster.pool.ready()
+              and cluster.pool.ready()[0] is not first, 90, "a new agent on the restarted relay")
+        assert first.phase == "gone"
+        messages = ask("after the relay restarted")
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 8)
+        assert headers["x-stream-dispatch"] == "agent" and headers["x-stream-transport"] == "relay"
+    finally:
+        server.stop()
+        sim_server.stop()
+        relay.kill()
+        relay.wait()
