@@ -9,6 +9,7 @@ speeds. Everything is driven with the `openai` SDK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -329,7 +330,10 @@ def test_a_chunk_whose_relay_dies_brings_its_results_back_in_the_job_result(tmp_
 # -- warm agents ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def agent_gateway(tmp, plane: dict, agents: dict, sim_spec: dict, **extra):
+    """A gateway with one cluster `a` (model `m` on a simulator of its own) and warm agents,
+    once its first agent is ready: (gateway, simulator, agent pool, that agent)."""
     from streamllm.config import SimModelSettings, SimSettings
     from streamllm.sim.app import Simulator
 
@@ -337,18 +341,20 @@ def agent_gateway(tmp, plane: dict, agents: dict, sim_spec: dict, **extra):
     sim_server = ServerThread(sim.app).start()
     gw, server = start({"a": {"base_url": f"{sim_server.url}/v1", "models": ["m"], **plane,
                               "agents": {"heartbeat_s": 1, **agents}}}, tmp, **extra)
-    return gw, server, sim, sim_server
+    try:
+        pool = gw.cluster("a").pool
+        until(lambda: pool.ready() and pool.ready()[0].pid, 120, "a warm agent")
+        yield gw, sim, pool, pool.ready()[0]
+    finally:
+        server.stop()
+        sim_server.stop()
 
 
 def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 6},
         {"min_warm": 1, "max": 2, "max_concurrency": 4, "walltime_s": 8, "replace_before_s": 5},
-        {"answer_tokens": 30, "tokens_per_s": 30})
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: pool.ready(), 60, "a warm agent")
-        first = pool.ready()[0]
+        {"answer_tokens": 30, "tokens_per_s": 30}) as (gw, sim, pool, first):
         results = []
 
         def one(i: int) -> tuple[str, str]:
@@ -367,40 +373,28 @@ def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
         assert all(r[1] == "relay" for r in results)
         # Every stream arrived whole (checked in `one`), none was cut by the replacement.
         assert first.served > 0
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
     """With an agent ready, a batch's chunks go to it (no job each), and every line comes
     back once through the chunk's relay channel."""
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 2},
-        {"min_warm": 1, "max": 1, "max_concurrency": 8}, {"answer_tokens": 9})
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: pool.ready(), 60, "a warm agent")
-        agent = pool.ready()[0]
+        {"min_warm": 1, "max": 1, "max_concurrency": 8},
+        {"answer_tokens": 9}) as (gw, sim, pool, agent):
         sdk = client(gw.url)
         batch = wait_batch(sdk, start_batch(sdk, chat_lines("hpc/m", "a", "agent line", 120)).id)
         assert_every_line_answered(sdk, batch, "a", "agent line", 120, tokens=9)
         assert agent.served == 3  # 120 lines in chunks of 50: three chunks, all on the agent
         assert len(sim.requests_for("m")) == 120
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 def test_cancelling_a_batch_aborts_its_lines_on_the_agent_and_keeps_the_agent(tmp_path):
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 2},
         {"min_warm": 1, "max": 1, "max_concurrency": 8},
-        {"answer_tokens": 20, "tokens_per_s": 4})  # five seconds a line
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: pool.ready(), 60, "a warm agent")
-        agent = pool.ready()[0]
+        {"answer_tokens": 20, "tokens_per_s": 4},  # five seconds a line
+    ) as (gw, sim, pool, agent):
         sdk = client(gw.url)
         batch = start_batch(sdk, chat_lines("hpc/m", "x", "cancelled line", 100))
         until(lambda: any(r.outcome == "running" for r in sim.requests_for("m")), 60,
@@ -419,22 +413,16 @@ def test_cancelling_a_batch_aborts_its_lines_on_the_agent_and_keeps_the_agent(tm
         text, headers = stream_text(gw.url, "hpc/m", messages)
         assert text == answer_text("m", messages, 20)
         assert headers["x-stream-dispatch"] == "agent" and pool.launched == 1
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path):
     """The agent running a chunk is killed: the lines it had answered are kept, the others run
     once more (as jobs, or on its successor), and every line is in the output once."""
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 3},
         {"min_warm": 1, "max": 1, "max_concurrency": 8},
-        {"answer_tokens": 6, "tokens_per_s": 12})  # half a second a line
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: pool.ready() and pool.ready()[0].pid, 60, "a warm agent")
-        victim = pool.ready()[0]
+        {"answer_tokens": 6, "tokens_per_s": 12},  # half a second a line
+    ) as (gw, sim, pool, victim):
         sdk = client(gw.url)
         batch = start_batch(sdk, chat_lines("hpc/m", "k", "killed line", 40))
         until(lambda: sum(r.outcome == "completed" for r in sim.requests_for("m")) >= 8, 60,
@@ -446,20 +434,14 @@ def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path)
         # Lines answered before the kill were not run again: only those cut off (at most the
         # chunk's 8 lines at once) ran twice.
         assert len(sim.requests_for("m")) <= 40 + 8
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 def test_agents_scale_up_under_a_burst_and_down_when_idle(tmp_path):
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 8},
         {"min_warm": 1, "max": 3, "max_concurrency": 2, "idle_timeout_s": 1,
          "walltime_s": 600, "replace_before_s": 60},
-        {"answer_tokens": 40, "tokens_per_s": 20})
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: len(pool.ready()) == 1, 60, "the one warm agent")
+        {"answer_tokens": 40, "tokens_per_s": 20}) as (gw, sim, pool, _):
 
         def one(i: int) -> str:
             messages = ask(f"burst {i}")
@@ -474,21 +456,14 @@ def test_agents_scale_up_under_a_burst_and_down_when_idle(tmp_path):
         assert "agent" in served
         until(lambda: len(pool.ready()) == 1, 60, "idle agents to be stopped")
         assert pool.launched == 3
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 def test_a_killed_agent_is_replaced_and_requests_still_complete(tmp_path):
-    gw, server, sim, sim_server = agent_gateway(
+    with agent_gateway(
         tmp_path, {"control_plane": "parsl", "parsl": {"max_workers": 4, "heartbeat_s": 1}},
         {"min_warm": 1, "max": 1, "max_concurrency": 8, "walltime_s": 600,
          "replace_before_s": 60},
-        {"answer_tokens": 10})
-    try:
-        pool = gw.cluster("a").pool
-        until(lambda: pool.ready() and pool.ready()[0].pid, 120, "a warm agent")
-        victim = pool.ready()[0]
+        {"answer_tokens": 10}) as (gw, sim, pool, victim):
         os.kill(victim.pid, signal.SIGKILL)
         until(lambda: victim.phase == "gone", 30, "the gateway to notice")
         # Meanwhile requests are jobs of their own; then a new agent takes over.
@@ -498,9 +473,6 @@ def test_a_killed_agent_is_replaced_and_requests_still_complete(tmp_path):
         until(lambda: pool.ready() and pool.ready()[0] is not victim, 120, "a new agent")
         text, headers = stream_text(gw.url, "hpc/m", messages)
         assert headers["x-stream-dispatch"] == "agent"
-    finally:
-        server.stop()
-        sim_server.stop()
 
 
 # -- cold starts ----------------------------------------------------------------------------
