@@ -394,7 +394,7 @@ class ChatHandler:
         try:
             ticket.usage = _usage_in(held) or ticket.usage
             _collect(held, answer)
-            if not all(is_waiting_note(chunk) for chunk in held):
+            if not _only_waiting(held):
                 ticket.output()
             yield _for_client(held, chunk_id, include_usage)
             async for batch in stream:
@@ -402,7 +402,7 @@ class ChatHandler:
                 _collect(batch, answer)
                 out = _for_client(batch, chunk_id, include_usage)
                 if out:
-                    if not all(is_waiting_note(chunk) for chunk in batch):
+                    if not _only_waiting(batch):
                         ticket.output()
                     yield out
             await ticket.keep("completed")
@@ -465,6 +465,11 @@ def _explain(headers: dict[str, str], route: Route) -> None:
         headers["x-stream-judge"] = j.judge
         headers["x-stream-judge-confidence"] = f"{j.confidence:.3f}"
         headers["x-stream-judge-ms"] = f"{j.latency_ms:.3f}"
+
+
+def _only_waiting(batch: list[Chunk]) -> bool:
+    """Nothing but waiting notes: no output yet, for time to first token and gaps."""
+    return all(is_waiting_note(chunk) for chunk in batch)
 
 
 def _for_client(batch: list[Chunk], chunk_id: str, include_usage: bool) -> bytes:
