@@ -301,6 +301,75 @@ def test_web_chat_signs_in_streams_stops_and_restores(browser, start_sim, start_
     context.close()
 
 
+def test_a_conversation_list_fetched_before_a_rename_or_delete_does_not_undo_it(
+        browser, start_sim, start_gateway):
+    """The list is refreshed after every answer, without waiting for it. A refresh that is
+    answered while a title is being edited, or after a rename or a delete it was asked for
+    before, must not undo what the user just did (it did, once, in CI)."""
+    _, gw = gateway_with_three_tiers(start_sim, start_gateway, {}, embedded_cloud=True)
+    api = httpx.Client(base_url=gw.url, timeout=10)
+    kept = api.post("/ui/api/conversations", json={"title": "Before"}).json()["id"]
+    doomed = api.post("/ui/api/conversations", json={"title": "Doomed"}).json()["id"]
+    page = browser.new_page(viewport=DESKTOP)
+    page.goto(gw.url + f"/#chat/{kept}")
+    listed = page.locator("#conversation-list")
+    title = listed.locator(f"[data-id='{kept}'] .conversation-title")
+    expect(title).to_have_text("Before")
+
+    # Every list refresh is answered from the server as it was when asked, and held until
+    # the test lets it through.
+    held: list[tuple[object, object]] = []
+    page.route(re.compile(r"/ui/api/conversations$"),
+               lambda route: held.append((route, route.fetch())) if route.request.method == "GET"
+               else route.continue_())
+
+    def refresh_held() -> None:
+        """A refusal (cloud asked for, cloud not allowed) ends with a refresh of the list."""
+        page.select_option("#setting-tier", "cloud")
+        page.uncheck("#setting-cloud")
+        with page.expect_request(lambda r: r.url.endswith("/ui/api/conversations")
+                                 and r.method == "GET"):
+            send(page, "Only if the cloud may answer.")
+        expect(listed).to_have_attribute("aria-busy", "true")
+
+    def let_through() -> None:
+        route, response = held.pop()
+        route.fulfill(response=response)
+        expect(listed).not_to_have_attribute("aria-busy", "true")
+
+    # Answered while the title is being edited: the edit stays open and is saved.
+    refresh_held()
+    listed.get_by_role("button", name="Rename “Before”").click()
+    let_through()
+    page.get_by_role("textbox", name="New title").fill("During")
+    page.keyboard.press("Enter")
+    expect(title).to_have_text("During")
+
+    # Asked for before a rename, answered after it: the old title does not come back.
+    refresh_held()
+    listed.get_by_role("button", name="Rename “During”").click()
+    page.get_by_role("textbox", name="New title").fill("After")
+    page.keyboard.press("Enter")
+    expect(title).to_have_text("After")
+    let_through()
+    expect(title).to_have_text("After")
+
+    # Asked for before a delete, answered after it: the deleted conversation does not return.
+    refresh_held()
+    page.once("dialog", lambda dialog: dialog.accept())
+    listed.get_by_role("button", name="Delete “Doomed”").click()
+    expect(listed.locator(f"[data-id='{doomed}']")).to_have_count(0)
+    let_through()
+    expect(listed.locator(".conversation")).to_have_count(1)
+    expect(title).to_have_text("After")
+
+    assert api.get(f"/ui/api/conversations/{kept}").json()["title"] == "After"
+    assert api.get(f"/ui/api/conversations/{doomed}").status_code == 404
+    assert not held
+    api.close()
+    page.close()
+
+
 HOSTILE = {
     "script": "<script>window.__owned = 1</script>",
     "img": "<img src=x onerror=\"window.__owned = 1\">",

@@ -18,6 +18,11 @@ const state = {
   config: { tiers: [], judges: [], default_judge: null, allow_cloud: true },
   settings: { tier: "auto", allowCloud: true, judge: null },
   conversations: [],
+  // Bumped by every refresh and every local change, so that a list fetched before a change
+  // (rename, delete, new chat) cannot overwrite it when its answer arrives late.
+  listVersion: 0,
+  listLoading: 0, // refreshes under way; the list is aria-busy meanwhile
+  renamingId: null, // while a title is being edited, the list is not redrawn under it
   currentId: null,
   messages: [], // of the open conversation: {role, content, meta, failed?}
   stream: null, // the answer being written: {controller, convId, article}
@@ -229,7 +234,9 @@ function resetApp() {
   clearInterval(state.healthTimer);
   state.healthTimer = null;
   state.started = false;
+  state.listVersion += 1;
   state.conversations = [];
+  state.renamingId = null;
   state.currentId = null;
   state.messages = [];
   state.stream = null;
@@ -343,13 +350,30 @@ async function refreshHealth() {
 // ---- conversations -----------------------------------------------------------------------
 
 async function refreshConversations() {
+  const version = ++state.listVersion;
+  const list = $("conversation-list");
+  state.listLoading += 1;
+  list.setAttribute("aria-busy", "true");
+  let conversations = [];
   try {
     const body = await api("/ui/api/conversations");
-    state.conversations = (body && body.data) || [];
+    conversations = (body && body.data) || [];
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) return;
-    state.conversations = [];
+  } finally {
+    state.listLoading -= 1;
+    if (!state.listLoading) list.removeAttribute("aria-busy");
   }
+  if (version !== state.listVersion) return; // a newer refresh or a local change came first
+  state.conversations = conversations;
+  renderConversationList();
+}
+
+/** A change made here, already accepted by the server: shown at once, and not undone by a
+ *  refresh that was asked for before it. */
+function changeConversations(update) {
+  state.listVersion += 1;
+  state.conversations = update(state.conversations);
   renderConversationList();
 }
 
@@ -368,6 +392,7 @@ function icon(name) {
 const conversationHash = (id) => `#chat/${encodeURIComponent(id)}`;
 
 function renderConversationList() {
+  if (state.renamingId) return; // drawn when the rename ends, with whatever changed meanwhile
   const list = $("conversation-list");
   const focusedId = document.activeElement && document.activeElement.closest
     && document.activeElement.closest("[data-id]")?.dataset.id;
@@ -404,17 +429,24 @@ function startRename(conversation) {
     if (done) return;
     done = true;
     const title = input.value.trim();
+    let renamed = false;
     if (save && title && title !== conversation.title) {
       try {
         await api(`/ui/api/conversations/${encodeURIComponent(conversation.id)}`,
                   { method: "PATCH", body: { title } });
-        conversation.title = title;
+        renamed = true;
         announce(`Renamed to ${title}`);
       } catch (err) {
         announce(`Could not rename: ${describeError(err)}`);
       }
     }
-    renderConversationList();
+    state.renamingId = null;
+    if (renamed) {
+      const retitle = (c) => (c.id === conversation.id ? { ...c, title } : c);
+      changeConversations((all) => all.map(retitle));
+    } else {
+      renderConversationList();
+    }
     const item = `[data-id="${CSS.escape(conversation.id)}"] button`;
     $("conversation-list").querySelector(item)?.focus();
   };
@@ -429,6 +461,7 @@ function startRename(conversation) {
     }
   });
   input.addEventListener("blur", () => finish(true));
+  state.renamingId = conversation.id;
   item.replaceChildren(input);
   input.focus();
   input.select();
@@ -444,9 +477,8 @@ async function deleteConversation(conversation) {
     return;
   }
   if (state.stream && state.stream.convId === conversation.id) state.stream.controller.abort();
-  state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
+  changeConversations((all) => all.filter((c) => c.id !== conversation.id));
   if (state.currentId === conversation.id) newChat(false);
-  renderConversationList();
   announce("Conversation deleted");
   $("new-conversation").focus();
 }
@@ -674,9 +706,8 @@ async function send(text) {
       }
       state.currentId = created.id;
       state.messages = [];
-      state.conversations = [created, ...state.conversations.filter((c) => c.id !== created.id)];
       history.replaceState(null, "", conversationHash(created.id));
-      renderConversationList();
+      changeConversations((all) => [created, ...all.filter((c) => c.id !== created.id)]);
     }
     state.messages.push(userMessage);
     await streamAnswer(state.currentId, state.messages, userMessage, userNode);
