@@ -370,6 +370,44 @@ def test_a_conversation_list_fetched_before_a_rename_or_delete_does_not_undo_it(
     page.close()
 
 
+def test_a_conversation_opened_last_stays_open_when_an_earlier_one_arrives_late(
+        browser, start_sim, start_gateway):
+    """Opening A then B quickly: if A's messages arrive after B's, B is what stays shown, also
+    when B was the one already open."""
+    _, gw = gateway_with_three_tiers(start_sim, start_gateway, {}, embedded_cloud=True)
+    api = httpx.Client(base_url=gw.url, timeout=10)
+    first = api.post("/ui/api/conversations", json={"title": "First"}).json()["id"]
+    second = api.post("/ui/api/conversations", json={"title": "Second"}).json()["id"]
+    api.close()
+    page = browser.new_page(viewport=DESKTOP)
+    page.goto(gw.url + f"/#chat/{first}")
+    page.select_option("#setting-tier", "local")
+    send(page, EASY)
+    settled(last_answer(page))
+    listed = page.locator("#conversation-list")
+    listed.locator(f"[data-id='{second}'] a").click()
+    expect(page.locator("#welcome")).to_be_visible()
+    send(page, "And the capital of Chile?")
+    settled(last_answer(page))
+    asked = page.locator("#messages .msg.user")
+    expect(asked).to_have_text(["And the capital of Chile?"])
+
+    held: list[tuple[object, object]] = []
+    page.route(re.compile(rf"/ui/api/conversations/{first}$"),
+               lambda route: held.append((route, route.fetch())))
+    with page.expect_request(lambda r: r.url.endswith(f"/ui/api/conversations/{first}")):
+        listed.locator(f"[data-id='{first}'] a").click()
+    listed.locator(f"[data-id='{second}'] a").click()
+    expect(page).to_have_url(re.compile(rf"#chat/{second}$"))
+    route, response = held.pop()
+    route.fulfill(response=response)
+    expect(page.locator("#messages")).not_to_have_attribute("aria-busy", "true")
+    expect(asked).to_have_text(["And the capital of Chile?"])
+    expect(page.locator("#messages .msg.assistant")).to_have_count(1)
+    expect(listed.locator(".conversation.current")).to_have_attribute("data-id", second)
+    page.close()
+
+
 HOSTILE = {
     "script": "<script>window.__owned = 1</script>",
     "img": "<img src=x onerror=\"window.__owned = 1\">",

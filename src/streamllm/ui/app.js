@@ -23,6 +23,10 @@ const state = {
   listVersion: 0,
   listLoading: 0, // refreshes under way; the list is aria-busy meanwhile
   renamingId: null, // while a title is being edited, the list is not redrawn under it
+  // Bumped by every conversation opened and every new chat: only the latest one is shown, so
+  // a slow answer for one opened before does not replace it.
+  openVersion: 0,
+  opening: 0, // conversations being fetched; the messages are aria-busy meanwhile
   currentId: null,
   messages: [], // of the open conversation: {role, content, meta, failed?}
   stream: null, // the answer being written: {controller, convId, article}
@@ -484,6 +488,7 @@ async function deleteConversation(conversation) {
 }
 
 function newChat(focus = true) {
+  state.openVersion += 1;
   state.currentId = null;
   state.messages = [];
   clearMessages();
@@ -495,11 +500,16 @@ function newChat(focus = true) {
 }
 
 async function openConversation(id) {
+  const version = ++state.openVersion; // even when already open: it outdates any slower open
   if (state.currentId === id && state.messages.length) return;
+  const box = $("messages");
+  state.opening += 1;
+  box.setAttribute("aria-busy", "true");
   let conversation;
   try {
     conversation = await api(`/ui/api/conversations/${encodeURIComponent(id)}`);
   } catch (err) {
+    if (version !== state.openVersion) return;
     state.currentId = null;
     state.messages = [];
     clearMessages();
@@ -507,7 +517,11 @@ async function openConversation(id) {
       ? "That conversation does not exist (any more)." : describeError(err));
     renderConversationList();
     return;
+  } finally {
+    state.opening -= 1;
+    if (!state.opening) box.removeAttribute("aria-busy");
   }
+  if (version !== state.openVersion) return; // another conversation, or a new chat, came after
   state.currentId = id;
   state.messages = (conversation.messages || []).map((m) => ({ ...m }));
   clearMessages();
