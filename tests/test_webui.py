@@ -370,10 +370,10 @@ def test_a_conversation_list_fetched_before_a_rename_or_delete_does_not_undo_it(
     page.close()
 
 
-def test_a_conversation_opened_last_stays_open_when_an_earlier_one_arrives_late(
+def test_what_was_asked_for_last_stays_shown_when_an_earlier_answer_arrives_late(
         browser, start_sim, start_gateway):
     """Opening A then B quickly: if A's messages arrive after B's, B is what stays shown, also
-    when B was the one already open."""
+    when B was the one already open. The same for the usage page's period."""
     _, gw = gateway_with_three_tiers(start_sim, start_gateway, {}, embedded_cloud=True)
     api = httpx.Client(base_url=gw.url, timeout=10)
     first = api.post("/ui/api/conversations", json={"title": "First"}).json()["id"]
@@ -405,6 +405,21 @@ def test_a_conversation_opened_last_stays_open_when_an_earlier_one_arrives_late(
     expect(asked).to_have_text(["And the capital of Chile?"])
     expect(page.locator("#messages .msg.assistant")).to_have_count(1)
     expect(listed.locator(".conversation.current")).to_have_attribute("data-id", second)
+
+    page.click("#tab-usage")
+    status = page.locator("#usage-status")
+    expect(status).to_have_text(re.compile("^Last 30 days"))
+    page.route(re.compile(r"/v1/usage\?days=7$"),
+               lambda route: held.append((route, route.fetch())))
+    with page.expect_request(lambda r: r.url.endswith("/v1/usage?days=7")):
+        page.select_option("#usage-days", "7")
+    page.select_option("#usage-days", "90")
+    expect(status).to_have_text(re.compile("^Last 90 days"))
+    route, response = held.pop()
+    route.fulfill(response=response)
+    expect(page.locator("#usage-view")).not_to_have_attribute("aria-busy", "true")
+    expect(status).to_have_text(re.compile("^Last 90 days"))
+    expect(page.locator("#usage-totals [data-field='requests'] dd")).to_have_text("2")
     page.close()
 
 

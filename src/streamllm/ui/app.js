@@ -27,6 +27,8 @@ const state = {
   // a slow answer for one opened before does not replace it.
   openVersion: 0,
   opening: 0, // conversations being fetched; the messages are aria-busy meanwhile
+  usageVersion: 0, // the usage shown is for the last period asked for, not the last answered
+  usageLoading: 0,
   currentId: null,
   messages: [], // of the open conversation: {role, content, meta, failed?}
   stream: null, // the answer being written: {controller, convId, article}
@@ -934,14 +936,24 @@ const TIER_ORDER = ["local", "hpc", "cloud"];
 async function loadUsage() {
   const days = Number($("usage-days").value) || 30;
   const status = $("usage-status");
+  const view = $("usage-view");
+  const version = ++state.usageVersion;
   status.textContent = "Loading usage…";
+  state.usageLoading += 1;
+  view.setAttribute("aria-busy", "true");
   let usage;
   try {
     usage = await api(`/v1/usage?days=${days}`);
   } catch (err) {
-    status.textContent = `Could not load usage: ${describeError(err)}`;
+    if (version === state.usageVersion) {
+      status.textContent = `Could not load usage: ${describeError(err)}`;
+    }
     return;
+  } finally {
+    state.usageLoading -= 1;
+    if (!state.usageLoading) view.removeAttribute("aria-busy");
   }
+  if (version !== state.usageVersion) return;
   status.textContent = `Last ${days} days${usage.key ? ` for ${usage.key}` : ""}.`;
   state.usage = { usage, days };
   renderUsage();
