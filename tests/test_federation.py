@@ -721,10 +721,12 @@ def test_a_request_held_too_long_for_a_cold_cluster_fails_saying_so(tmp_path, mo
         sim_server.stop()
 
 
-def test_a_cluster_whose_relay_restarts_comes_back_with_a_new_agent(tmp_path):
-    """The cluster's relay (its own process) is killed and started again on the same port. The
-    cluster goes offline; once the relay is back it is ready again, its lost agent replaced,
-    and requests go through the new agent."""
+def test_a_cluster_whose_relay_restarts_keeps_its_agent_and_the_answer_in_flight(tmp_path):
+    """The cluster's relay (its own process) is killed in the middle of an answer and started
+    again on the same port. The agent and the gateway meet again on the agent's next channel:
+    the answer that was streaming arrives whole, the cluster is ready again with the same agent
+    (no new launch: on a real cluster that would be a queued job and a model load), and new
+    requests go through it."""
     from streamllm.config import SimModelSettings, SimSettings
     from streamllm.sim.app import Simulator
     from tests.test_hpc_e2e import SECRET, STREAMLLM, start_relay
@@ -732,7 +734,8 @@ def test_a_cluster_whose_relay_restarts_comes_back_with_a_new_agent(tmp_path):
     secret = tmp_path / "relay.secret"
     secret.write_text(SECRET)
     relay, port = start_relay("--secret-file", str(secret))
-    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=8)}))
+    sim = Simulator(SimSettings(models={"m": SimModelSettings(answer_tokens=40,
+                                                              tokens_per_s=20)}))
     sim_server = ServerThread(sim.app).start()
     gw, server = start({"a": {
         "base_url": f"{sim_server.url}/v1", "models": ["m"], "control_plane": "local",
@@ -743,23 +746,33 @@ def test_a_cluster_whose_relay_restarts_comes_back_with_a_new_agent(tmp_path):
     try:
         cluster = gw.cluster("a")
         until(lambda: cluster.state() == "ready", 60, "the cluster to be ready")
-        first = cluster.pool.ready()[0]
-        messages = ask("before the relay restarts")
-        text, headers = stream_text(gw.url, "hpc/m", messages)
-        assert text == answer_text("m", messages, 8) and headers["x-stream-dispatch"] == "agent"
+        agent = cluster.pool.ready()[0]
+        messages = ask("while the relay restarts")
+        raw = client(gw.url).chat.completions.with_raw_response.create(
+            model="hpc/m", messages=messages, stream=True)
+        assert raw.headers["x-stream-dispatch"] == "agent"
+        chunks = iter(raw.parse())
+        text = ""
+        while not text:
+            chunk = next(chunks)
+            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
 
         relay.kill()
         relay.wait()
         until(lambda: cluster.state() == "offline", 30, "the cluster to go offline")
         relay = subprocess.Popen([STREAMLLM, "relay", "--port", str(port), "--secret-file",
                                   str(secret)], stderr=subprocess.DEVNULL)
-        until(lambda: cluster.state() == "ready" and cluster.pool.ready()
-              and cluster.pool.ready()[0] is not first, 90, "a new agent on the restarted relay")
-        assert first.phase == "gone"
+        text += "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == answer_text("m", messages, 40), "the answer in flight arrives whole"
+
+        until(lambda: cluster.state() == "ready", 60, "the cluster to be ready again")
+        assert cluster.pool.ready() == [agent] and agent.resumed == 1 and agent.epoch == 1
+        assert cluster.pool.launched == 1, "no agent was launched to replace it"
         messages = ask("after the relay restarted")
         text, headers = stream_text(gw.url, "hpc/m", messages)
-        assert text == answer_text("m", messages, 8)
+        assert text == answer_text("m", messages, 40)
         assert headers["x-stream-dispatch"] == "agent" and headers["x-stream-transport"] == "relay"
+        assert agent.served == 2
     finally:
         server.stop()
         sim_server.stop()

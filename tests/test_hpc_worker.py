@@ -209,3 +209,54 @@ def test_worker_runs_with_only_its_declared_dependencies(vllm, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["choices"][0]["content"] == answer_text("m", MESSAGES, 40)
+
+
+async def test_an_agent_channel_moves_to_its_next_epoch_and_resends_what_was_not_confirmed():
+    """The agent's end of its channel across a relay restart: it dials its next epoch's channel
+    (own key, own token), says hello there naming every request it holds, and sends again the
+    results the gateway's beats had not confirmed, and only those."""
+    from streamllm.hpc.agent import _Channel, epoch_channel, epoch_key
+
+    relay = await RelayServer(SECRET).start()
+    port, url, base, key = relay.port, f"ws://127.0.0.1:{relay.port}", "agent-t", new_key()
+    spec = {"relay_url": url, "channel": base, "key": key, "reconnect_s": 10,
+            "producer_token": mint(SECRET, base, "producer", 60),
+            "reconnect_tokens": [mint(SECRET, epoch_channel(base, n), "producer", 60)
+                                 for n in (1, 2)]}
+    agent = await asyncio.to_thread(_Channel, spec)
+    gateway = await dial(url, base, "consumer", mint(SECRET, base, "consumer", 60))
+    opener, up = Opener(key, base, Direction.DOWN), Sealer(key, base, Direction.UP)
+    frames = gateway.frames()
+
+    async def read() -> dict:  # the next message from the agent, on the current channel
+        return json.loads(opener.open(await asyncio.wait_for(anext(frames), 10))[1])
+
+    # Result "a" is read and confirmed by a beat; result "b" is sent but never read.
+    await asyncio.to_thread(agent.send, {"t": "done", "channel": "a", "result": {}}, keep=True)
+    assert (await read())["channel"] == "a"
+    await gateway.send(up.seal(FrameType.DATA, json.dumps({"t": "beat", "got": 1}).encode()))
+    assert await asyncio.to_thread(agent.receive, 5.0) is None  # a beat is for the channel
+    await asyncio.to_thread(agent.send, {"t": "done", "channel": "b", "result": {}}, keep=True)
+
+    await gateway.close()
+    await relay.stop()
+    relay = await RelayServer(SECRET).start(port=port)
+    try:
+        assert await asyncio.to_thread(agent.reconnect, {"t": "hello", "phase": "ready"}, ["c"])
+        assert agent.epoch == 1
+        name = epoch_channel(base, 1)
+        gateway = await dial(url, name, "consumer", mint(SECRET, name, "consumer", 60))
+        opener = Opener(epoch_key(key, base, 1), name, Direction.DOWN)
+        assert epoch_key(key, base, 1) != key
+        frames = gateway.frames()
+        hello = await read()
+        assert hello == {"t": "hello", "phase": "ready", "resync": True, "serving": ["b", "c"]}
+        again = await read()
+        assert again == {"t": "done", "channel": "b", "result": {}}
+        # Nothing else was waiting: the next frame is the one sent now.
+        await asyncio.to_thread(agent.send, {"t": "beat", "inflight": 0})
+        assert (await read())["t"] == "beat"
+        await gateway.close()
+    finally:
+        await asyncio.to_thread(agent.close)  # its close handshake needs this loop's relay
+        await relay.stop()

@@ -349,3 +349,49 @@ def test_a_clusters_estimated_wait_counts_down_from_the_agent_furthest_along():
     assert pool.estimated_wait_s() == 0.0  # later than usual: any moment now
     pool.agents["a"].phase = pool.agents["b"].phase = "gone"
     assert pool.estimated_wait_s() == 300.0  # none coming: a whole start
+
+
+async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_it():
+    """Its hello on the new channel names the requests it holds: the others fail at once (they
+    go elsewhere) instead of waiting for a result that will not come; a drain said while the
+    connection was lost is said again; and no replacement is launched while it reconnects."""
+    import asyncio
+    import concurrent.futures
+    import json
+
+    from streamllm.config import AgentSettings
+    from streamllm.relay.crypto import Opener, Sealer, new_key
+    from streamllm.relay.frames import Direction
+    from streamllm.tiers.agents import Agent, AgentLost, AgentPool
+
+    class Link:
+        sent: list[bytes] = []
+
+        async def send(self, frame: bytes) -> None:
+            self.sent.append(frame)
+
+    key = new_key()
+    pool = AgentPool("c", AgentSettings(min_warm=1, max=1), plane=None,  # type: ignore[arg-type]
+                     relay_url="", secret=b"", backend_url="")
+    agent = Agent("agent-x", "agent-x", key, Sealer(key, "agent-x", Direction.UP),
+                  Opener(key, "agent-x", Direction.DOWN), launched_at=0.0, walltime_s=60.0,
+                  phase="reconnecting", phase_before="ready", lost_at=1.0)
+    agent.link = Link()  # type: ignore[assignment]
+    pool.agents[agent.id] = agent
+    held, lost = concurrent.futures.Future(), concurrent.futures.Future()
+    agent.requests = {"held": held, "lost": lost}
+    assert pool.desired() == 1 and pool._live() == [agent], "reconnecting counts as live"
+
+    await pool._drain(agent)  # asked while it is away: remembered, not sent
+    assert agent.phase == "reconnecting" and not Link.sent
+    pool._on_message(agent, {"t": "hello", "phase": "ready", "resync": True,
+                             "serving": ["held"]})
+    assert isinstance(lost.exception(timeout=0), AgentLost)
+    assert not held.done() and list(agent.requests) == ["held"]
+    assert agent.phase == "draining" and agent.resumed == 1 and agent.lost_at is None
+    await asyncio.gather(*pool._tasks)
+    opened = Opener(key, "agent-x", Direction.UP).open(Link.sent[0])[1]
+    assert json.loads(opened) == {"t": "drain"}
+    pool._on_message(agent, {"t": "done", "channel": "held", "result": {"ok": 1}})
+    pool._on_message(agent, {"t": "done", "channel": "held", "result": {"ok": 2}})  # again
+    assert held.result(timeout=0) == {"ok": 1} and agent.served == 1

@@ -106,6 +106,10 @@ class AgentSettings(_Strict):
     heartbeat_s: Seconds = 5.0
     launch_timeout_s: Seconds = 900.0  # an agent not ready by then is given up (queue, load)
     backend_wait_s: Seconds = 900.0  # how long an agent waits for the cluster's vLLM to load
+    # A lost connection (relay restart, dropped flow) moves both ends to a new channel, at most
+    # `reconnects` times per agent, each within `reconnect_s`; then the agent is replaced.
+    reconnects: Annotated[int, Field(ge=0, le=1000)] = 16
+    reconnect_s: Seconds = 120.0
 
     @model_validator(mode="after")
     def _bounds(self) -> "AgentSettings":

@@ -12,6 +12,14 @@ It says hello when it starts (`starting`) and again once the cluster's backend a
 (`ready`), beats every few seconds, stops taking requests when asked to drain or when its
 walltime is near, and exits once its last request is done. Imports are kept as small as the
 worker's: it runs where the worker runs.
+
+A connection can be lost (a relay restart, a firewall that drops a long-lived connection, a
+gateway that stopped beating). Both ends then move to the agent's next *epoch*: a fresh relay
+channel with a key of its own, derived from the launch key, and a producer token for it that
+came with the launch. The agent says hello again there, naming the requests it holds, and
+sends again every result the gateway has not confirmed (the gateway's beats carry how many of
+the agent's frames it has read). So a lost connection costs neither a new job nor a model
+load, and a result is never lost; the gateway ignores one that arrives twice.
 """
 
 from __future__ import annotations
@@ -28,11 +36,22 @@ from typing import Any
 
 from streamllm.hpc.batch_worker import run_batch_chunk
 from streamllm.hpc.worker import run_completion
-from streamllm.relay.crypto import Opener, Sealer
+from streamllm.relay.crypto import Opener, Sealer, derive_key
 from streamllm.relay.frames import Direction, FrameType
 
 RESULT_LIMIT = 900_000  # bytes of result per frame: under the relay's 1 MiB frame limit
 WORK = {"completion": run_completion, "batch_chunk": run_batch_chunk}
+SILENT_BEATS = 3  # a side that hears nothing for this many heartbeats counts the link lost
+
+
+def epoch_channel(channel: str, epoch: int) -> str:
+    """The relay channel of an agent's `epoch`th connection (the first is the launch one)."""
+    return channel if epoch == 0 else f"{channel}-{epoch}"
+
+
+def epoch_key(key: bytes, channel: str, epoch: int) -> bytes:
+    """Each epoch's channel has its own key: sequence numbers (nonces) restart on it."""
+    return key if epoch == 0 else derive_key(key, epoch_channel(channel, epoch))
 
 
 def _backend_up(backend_url: str, api_key_env: str | None, timeout: float = 5.0) -> bool:
@@ -52,32 +71,51 @@ def _backend_up(backend_url: str, api_key_env: str | None, timeout: float = 5.0)
 
 
 class _Channel:
-    """The agent's end of its channel: sealed messages down, sealed requests up."""
+    """The agent's end of its channel: sealed messages down, sealed requests up; moved to the
+    next epoch's channel when the connection is lost."""
 
     def __init__(self, spec: dict[str, Any]):
+        self._spec = spec
+        self._lock = threading.Lock()
+        self._tokens = [spec["producer_token"], *spec.get("reconnect_tokens", [])]
+        self.epoch = 0
+        # Results sent but not yet confirmed by the gateway: (epoch, sequence number, message).
+        self._unconfirmed: list[tuple[int, int, dict[str, Any]]] = []
+        self._connect()
+
+    def _connect(self) -> None:
         from websockets.sync.client import connect
 
-        self._lock = threading.Lock()
-        self._sealer = Sealer(spec["key"], spec["channel"], Direction.DOWN)
-        self._opener = Opener(spec["key"], spec["channel"], Direction.UP, require_sealed=True)
-        self._conn = connect(
-            f"{spec['relay_url'].rstrip('/')}/v1/channels/{spec['channel']}",
-            additional_headers={"authorization": f"Bearer {spec['producer_token']}",
+        spec, name = self._spec, epoch_channel(self._spec["channel"], self.epoch)
+        key = epoch_key(spec["key"], spec["channel"], self.epoch)
+        self._sealer = Sealer(key, name, Direction.DOWN)
+        self._opener = Opener(key, name, Direction.UP, require_sealed=True)
+        conn = connect(
+            f"{spec['relay_url'].rstrip('/')}/v1/channels/{name}",
+            additional_headers={"authorization": f"Bearer {self._tokens[self.epoch]}",
                                 "x-stream-role": "producer"},
             open_timeout=spec.get("relay_connect_s", 30.0), compression=None,
             max_size=None,
         )
+        # Entered as a context (websockets warns otherwise); left by close().
+        self._conn = conn.__enter__()
+        self.heard = time.monotonic()  # when the gateway last sent anything
 
-    def send(self, message: dict[str, Any], final: bool = False) -> bool:
+    def _send_locked(self, message: dict[str, Any], final: bool, keep: bool) -> bool:
         data = json.dumps(message, separators=(",", ":")).encode()
+        if keep:
+            self._unconfirmed.append((self.epoch, self._sealer.seq, message))
         try:
-            with self._lock:  # beats, results and hellos come from several threads
-                frame = self._sealer.final(data) if final else self._sealer.seal(
-                    FrameType.DATA, data)
-                self._conn.send(frame)
+            frame = self._sealer.final(data) if final else self._sealer.seal(FrameType.DATA, data)
+            self._conn.send(frame)
             return True
         except Exception:
             return False
+
+    def send(self, message: dict[str, Any], final: bool = False, keep: bool = False) -> bool:
+        """Send `message`; with `keep`, it is sent again after a reconnect until confirmed."""
+        with self._lock:  # beats, results and hellos come from several threads
+            return self._send_locked(message, final, keep)
 
     def receive(self, timeout: float) -> dict[str, Any] | None:
         """The next request or instruction, None on timeout; raises when the channel is gone."""
@@ -88,20 +126,71 @@ class _Channel:
         if not isinstance(frame, bytes):
             return None
         ftype, payload = self._opener.open(frame)
+        self.heard = time.monotonic()
         if ftype is FrameType.CANCEL:
             return {"t": "drain"}
-        return json.loads(payload)
+        message = json.loads(payload)
+        if message.get("t") == "beat":
+            # The gateway has read `got` of this epoch's frames: results before that are safe.
+            got = int(message.get("got", 0))
+            with self._lock:
+                self._unconfirmed = [u for u in self._unconfirmed
+                                     if u[0] != self.epoch or u[1] >= got]
+            return None
+        return message
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.heard
+
+    def reconnect(self, hello: dict[str, Any], serving: list[str]) -> bool:
+        """Move to the next epoch's channel (retrying while the relay is away, for at most
+        `reconnect_s`), say `hello` there with the requests held, and send again every result
+        not yet confirmed. False when no epoch is left or the relay stays away."""
+        deadline = time.monotonic() + self._spec.get("reconnect_s", 60.0)
+        with self._lock:  # senders wait: what they send goes out on the new channel
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            delay = 0.2
+            while True:
+                if self.epoch + 1 >= len(self._tokens):
+                    return False
+                self.epoch += 1
+                try:
+                    self._connect()
+                    break
+                except Exception as e:
+                    # Refused outright (a token already spent on a handshake that failed
+                    # halfway): that epoch is gone, try the next. Unreachable: the same one.
+                    if not _refused(e):
+                        self.epoch -= 1
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            held = {u[2]["channel"] for u in self._unconfirmed}
+            self._send_locked({**hello, "resync": True,
+                               "serving": sorted(held | set(serving))}, False, False)
+            again, self._unconfirmed = self._unconfirmed, []
+            for _, _, message in again:
+                self._send_locked(message, False, True)
+            return True
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._conn.close()
 
 
+def _refused(error: Exception) -> bool:
+    """The relay answered and said no (as opposed to not answering at all)."""
+    return type(error).__name__ in ("InvalidStatus", "InvalidHandshake", "InvalidStatusCode")
+
+
 def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
     """Serve requests until drained, out of walltime, or cut off; return a summary.
 
     `spec`: relay_url, channel, producer_token, key (the agent's channel key), backend_url,
-    api_key_env, max_concurrency, walltime_s, heartbeat_s, backend_wait_s, agent_id.
+    api_key_env, max_concurrency, walltime_s, heartbeat_s, backend_wait_s, agent_id, and for
+    reconnecting reconnect_tokens (one producer token per later epoch) and reconnect_s.
     """
     started = time.monotonic()
     deadline = started + spec["walltime_s"]
@@ -114,9 +203,26 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
     ident = {"agent_id": spec.get("agent_id"), "pid": os.getpid(),
              "host": os.uname().nodename}
     channel.send({"t": "hello", "phase": "starting", **ident})
-    inflight: set[concurrent.futures.Future[Any]] = set()
+    inflight: dict[str, concurrent.futures.Future[Any]] = {}  # by the request's channel
     lock = threading.Lock()
     stop_beats = threading.Event()
+    phase = "starting"
+    silent_after = SILENT_BEATS * spec.get("heartbeat_s", 5.0)
+
+    def hear(timeout: float) -> dict[str, Any] | None:
+        """The next message, or None; a lost or silent link is first moved to the next epoch,
+        and _LinkLost raised when that fails."""
+        try:
+            message = channel.receive(timeout=timeout)
+            if message is not None or channel.silent_for() < silent_after:
+                return message
+        except Exception:
+            pass
+        with lock:
+            serving = list(inflight)
+        if not channel.reconnect({"t": "hello", "phase": phase, **ident}, serving):
+            raise _LinkLost
+        return None
 
     def beat() -> None:
         # Beats run from the first hello: an agent waiting minutes for its backend (or stuck
@@ -138,9 +244,9 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
             # Listen while waiting: a gateway that stops (or drains us) must not leave this
             # job holding its node until backend_wait_s runs out.
             try:
-                message = channel.receive(timeout=1.0)
-            except Exception:
-                message = {"t": "drain"}
+                message = hear(1.0)
+            except _LinkLost:
+                message, gone = None, "relay lost while waiting for the backend"
             if message is not None and message.get("t") == "job":
                 channel.send({"t": "refused", "channel": message["job"]["channel"]})
             elif message is not None and message.get("t") == "drain":
@@ -150,7 +256,8 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
             channel.send({"t": "bye", "reason": gone}, final=True)
             channel.close()
             return {**ident, "error": gone, "served": 0}
-    channel.send({"t": "hello", "phase": "ready", **ident})
+    phase = "ready"
+    channel.send({"t": "hello", "phase": phase, **ident})
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=spec["max_concurrency"],
                                                  thread_name_prefix="agent-request")
 
@@ -167,7 +274,7 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
                 failed += 1
             else:
                 served += 1
-        channel.send(message)
+        channel.send(message, keep=True)
 
     reason = "drained"
     draining = False
@@ -179,9 +286,10 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
                 idle = not inflight
             if draining and idle:
                 break
+            phase = "draining" if draining else "ready"
             try:
-                message = channel.receive(timeout=0.5)
-            except Exception:
+                message = hear(0.5)
+            except _LinkLost:
                 reason = "channel closed"
                 break
             if message is None:
@@ -192,10 +300,11 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
                 job = message["job"]
                 if job.get("key"):
                     job["key"] = bytes.fromhex(job["key"])
-                future = pool.submit(serve, job, message.get("fn", "completion"))
                 with lock:
-                    inflight.add(future)
-                future.add_done_callback(lambda f: _discard(lock, inflight, f))
+                    future = pool.submit(serve, job, message.get("fn", "completion"))
+                    inflight[job["channel"]] = future
+                future.add_done_callback(
+                    lambda _f, c=job["channel"]: _discard(lock, inflight, c))
             elif message.get("t") == "job":
                 # Taken after a drain began: refuse it, so the gateway sends it elsewhere.
                 channel.send({"t": "refused", "channel": message["job"]["channel"]})
@@ -208,6 +317,10 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def _discard(lock: threading.Lock, inflight: set, future: concurrent.futures.Future) -> None:
+class _LinkLost(Exception):
+    """The agent's channel is gone and no later epoch could be reached."""
+
+
+def _discard(lock: threading.Lock, inflight: dict, channel: str) -> None:
     with lock:
-        inflight.discard(future)
+        inflight.pop(channel, None)

@@ -20,7 +20,9 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from streamllm.errors import (
     RelayFrameInvalid,
@@ -50,6 +52,14 @@ _COUNT = struct.Struct(">Q")
 def new_key() -> bytes:
     """A fresh 256-bit key for one request."""
     return os.urandom(KEY_BYTES)
+
+
+def derive_key(key: bytes, label: str) -> bytes:
+    """A key of its own for `label` (say, a channel), from `key`: HKDF-SHA256. Sequence
+    numbers, and so nonces, restart on every channel; one key across two channels would reuse
+    them."""
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None,
+                info=b"streamllm relay channel " + label.encode()).derive(key)
 
 
 def _nonce(direction: Direction, seq: int) -> bytes:

@@ -12,6 +12,13 @@ The pool's manager keeps `min_warm` agents, adds agents while the ready ones are
 `replace_before_s` before its walltime: the replacement is launched first, the old agent is
 told to drain (it takes no new requests, finishes the ones it has) and then exits. No stream is
 dropped by a replacement.
+
+When an agent's connection is lost (the relay restarted, or the agent fell silent while its job
+runs), both ends move to the agent's next epoch channel (hpc/agent.py) instead of giving the
+agent up: it is `reconnecting` meanwhile, takes no requests, and counts as live, so no
+replacement is launched for a blip. Its hello on the new channel names the requests it holds;
+any other request sent to it is settled as lost (it never arrived), and its results come again
+until our beats confirm them.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamllm.config import AgentSettings
-from streamllm.errors import RelayError
-from streamllm.hpc.agent import run_agent
+from streamllm.errors import RelayError, TokenRejected
+from streamllm.hpc.agent import SILENT_BEATS, epoch_channel, epoch_key, run_agent
 from streamllm.hpc.batch_worker import run_batch_chunk
 from streamllm.hpc.control import ControlPlane
 from streamllm.hpc.worker import run_completion
@@ -42,6 +49,7 @@ from streamllm.relay.tokens import mint
 log = logging.getLogger("streamllm.hpc")
 
 LOST_GRACE_S = 10.0  # after an agent's channel dies, its requests' own channels may still end
+RECONNECT_BACKOFF_S = (0.2, 2.0)  # first and longest pause between dials of a relay that is away
 MANAGE_EVERY_S = 0.5
 OVERFLOW_WINDOW_S = 10.0  # requests that found no room this recently ask for more agents
 # The work an agent can take, by the name it knows it by (hpc/agent.py).
@@ -56,12 +64,13 @@ class AgentLost(Exception):
 @dataclass
 class Agent:
     id: str
-    channel: str
+    channel: str  # its first relay channel; later epochs' are derived from it
+    key: bytes  # delivered at launch; later epochs' keys are derived from it
     sealer: Sealer
     opener: Opener
     launched_at: float
     walltime_s: float
-    phase: str = "queued"  # queued | starting | ready | draining | gone
+    phase: str = "queued"  # queued | starting | ready | draining | reconnecting | gone
     link: RelayLink | None = None
     job: concurrent.futures.Future[Any] | None = None
     ready_at: float | None = None
@@ -74,6 +83,12 @@ class Agent:
     host: str | None = None
     beats: int = 0
     sending: asyncio.Lock = field(default_factory=asyncio.Lock)
+    epoch: int = 0  # how many times its connection has moved to a new channel
+    resumed: int = 0  # reconnections that it came back from
+    phase_before: str = "queued"  # while reconnecting: the phase to go back to
+    lost_at: float | None = None  # when its connection was lost, while reconnecting
+    retiring: bool = False  # we closed its link on purpose: do not reconnect
+    beat_sent: float = 0.0  # when we last told it we are here (and what we have read)
 
     @property
     def inflight(self) -> int:
@@ -99,6 +114,7 @@ class AgentPool:
         self.launched = 0
         self.startup_seconds: float | None = None  # launch to ready, smoothed: the wait estimate
         self._overflow: deque[float] = deque()  # when requests found no agent with room
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -112,6 +128,7 @@ class AgentPool:
         self._manager = asyncio.create_task(self._manage(), name=f"agents-{self.cluster}")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._manager is not None:
             self._manager.cancel()
             await asyncio.gather(self._manager, return_exceptions=True)
@@ -131,7 +148,7 @@ class AgentPool:
 
     # -- what the gateway sees -------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        out = {"queued": 0, "starting": 0, "ready": 0, "draining": 0}
+        out = {"queued": 0, "starting": 0, "ready": 0, "draining": 0, "reconnecting": 0}
         for a in self.agents.values():
             if a.phase in out:
                 out[a.phase] += 1
@@ -214,8 +231,12 @@ class AgentPool:
             "backend_url": self.backend_url, "api_key_env": self.api_key_env,
             "max_concurrency": s.max_concurrency, "walltime_s": s.walltime_s,
             "heartbeat_s": s.heartbeat_s, "backend_wait_s": s.backend_wait_s,
+            # One token per later epoch: a token is good for one connection.
+            "reconnect_tokens": [mint(self._secret, epoch_channel(channel, n), "producer", ttl)
+                                 for n in range(1, s.reconnects + 1)],
+            "reconnect_s": s.reconnect_s,
         }
-        agent = Agent(channel, channel, Sealer(key, channel, Direction.UP),
+        agent = Agent(channel, channel, key, Sealer(key, channel, Direction.UP),
                       Opener(key, channel, Direction.DOWN, require_sealed=True),
                       launched_at=self.clock(), walltime_s=s.walltime_s)
         self.agents[agent.id] = agent
@@ -236,39 +257,9 @@ class AgentPool:
         return agent
 
     async def _listen(self, agent: Agent) -> None:
-        assert agent.link is not None
         try:
-            async for frame in agent.link.frames():
-                ftype, payload = agent.opener.open(frame)
-                agent.last_seen = self.clock()
-                message = json.loads(payload) if payload else {}
-                kind = message.get("t")
-                if kind == "hello":
-                    agent.pid, agent.host = message.get("pid"), message.get("host")
-                if kind == "hello" and agent.phase in ("queued", "starting"):
-                    agent.phase = "ready" if message.get("phase") == "ready" else "starting"
-                    if agent.phase == "ready":
-                        agent.ready_at = self.clock()
-                        took = agent.ready_at - agent.launched_at
-                        self.startup_seconds = took if self.startup_seconds is None else (
-                            0.7 * self.startup_seconds + 0.3 * took)
-                        log.info("cluster %s: agent %s… ready in %.1f s", self.cluster,
-                                 agent.id[6:14], took)
-                elif kind == "beat":
-                    agent.beats += 1
-                elif kind == "done":
-                    self._settle(agent, message["channel"], result=message["result"])
-                elif kind == "refused":
-                    self._settle(agent, message["channel"],
-                                 error=AgentLost("the agent was draining"))
-                if ftype is FrameType.FINAL:
-                    break
-        except RelayError as e:
-            log.warning("cluster %s: agent %s… channel lost: %s", self.cluster, agent.id[6:14],
-                        e.message)
-        except Exception as e:  # a frame that does not open is an attack or a bug: drop it
-            log.warning("cluster %s: agent %s… sent a bad frame: %s", self.cluster,
-                        agent.id[6:14], type(e).__name__)
+            while await self._hear(agent) and await self._reconnect(agent):
+                pass
         finally:
             agent.phase = "gone"
             self.agents.pop(agent.id, None)
@@ -276,26 +267,150 @@ class AgentPool:
                 # Their own channels may still finish them; if not, they fail, not hang.
                 self._spawn(self._fail_later(agent))
 
+    async def _hear(self, agent: Agent) -> bool:
+        """Read the agent's channel until it ends. True when the connection was lost (rather
+        than ended by the agent's goodbye, by a bad frame, or by us on purpose)."""
+        assert agent.link is not None
+        try:
+            async for frame in agent.link.frames():
+                ftype, payload = agent.opener.open(frame)
+                agent.last_seen = self.clock()
+                self._on_message(agent, json.loads(payload) if payload else {})
+                if ftype is FrameType.FINAL:
+                    return False
+        except RelayError as e:
+            log.warning("cluster %s: agent %s… channel lost: %s", self.cluster, agent.id[6:14],
+                        e.message)
+        except Exception as e:  # a frame that does not open is an attack or a bug: drop it
+            log.warning("cluster %s: agent %s… sent a bad frame: %s", self.cluster,
+                        agent.id[6:14], type(e).__name__)
+            return False
+        return not agent.retiring and not self._stopping
+
+    def _on_message(self, agent: Agent, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "hello":
+            agent.pid, agent.host = message.get("pid"), message.get("host")
+            if agent.phase == "reconnecting":
+                self._resumed(agent, message)
+            elif agent.phase in ("queued", "starting"):
+                agent.phase = "starting"
+                if message.get("phase") == "ready":
+                    self._became_ready(agent)
+        elif kind == "beat":
+            agent.beats += 1
+        elif kind == "done":
+            self._settle(agent, message["channel"], result=message["result"])
+        elif kind == "refused":
+            self._settle(agent, message["channel"], error=AgentLost("the agent was draining"))
+
+    def _became_ready(self, agent: Agent) -> None:
+        agent.phase = "ready"
+        if agent.ready_at is not None:
+            return
+        agent.ready_at = self.clock()
+        took = agent.ready_at - agent.launched_at
+        self.startup_seconds = took if self.startup_seconds is None else (
+            0.7 * self.startup_seconds + 0.3 * took)
+        log.info("cluster %s: agent %s… ready in %.1f s", self.cluster, agent.id[6:14], took)
+
+    def _resumed(self, agent: Agent, hello: dict[str, Any]) -> None:
+        """The agent is back, on its new channel."""
+        agent.lost_at = None
+        if hello.get("resync"):
+            # Requests it does not name never reached it: they fail now (and go elsewhere)
+            # rather than wait for a result that will not come.
+            held = set(hello.get("serving") or ())
+            for channel in [c for c in agent.requests if c not in held]:
+                self._settle(agent, channel,
+                             error=AgentLost("the request was lost with the agent's connection"))
+            agent.resumed += 1
+            log.info("cluster %s: agent %s… back on a new channel (epoch %d)", self.cluster,
+                     agent.id[6:14], agent.epoch)
+        said = hello.get("phase")
+        if agent.phase_before == "draining" and said != "draining":
+            agent.phase = "draining"  # our drain was lost with the connection: say it again
+            self._spawn(self._say_drain(agent))
+        elif said == "draining":
+            agent.phase = "draining"
+        elif said == "ready":
+            self._became_ready(agent)
+        else:
+            agent.phase = "starting"
+
+    async def _reconnect(self, agent: Agent) -> bool:
+        """Move our end of the agent's link to its next epoch's channel, where the agent will
+        come too (an agent not yet heard from has not dialled: it will dial its first one).
+        Dials until the relay answers, within `reconnect_s`."""
+        s = self.settings
+        if agent.phase != "reconnecting":
+            agent.phase_before, agent.lost_at = agent.phase, self.clock()
+            agent.phase = "reconnecting"
+        if agent.phase_before != "queued":
+            if agent.epoch >= s.reconnects:
+                return False
+            agent.epoch += 1
+        name = epoch_channel(agent.channel, agent.epoch)
+        key = epoch_key(agent.key, agent.channel, agent.epoch)
+        agent.sealer = Sealer(key, name, Direction.UP)
+        agent.opener = Opener(key, name, Direction.DOWN, require_sealed=True)
+        if agent.link is not None:
+            await agent.link.close()
+        ttl = s.walltime_s + s.launch_timeout_s
+        pause, longest = RECONNECT_BACKOFF_S
+        while True:
+            try:
+                agent.link = await dial(self.relay_url, name, "consumer",
+                                        mint(self._secret, name, "consumer", ttl), resume_from=0)
+                break
+            except (RelayError, TokenRejected) as e:
+                gave_up = agent.retiring or self._stopping or isinstance(e, TokenRejected) or \
+                    self.clock() - (agent.lost_at or 0.0) > s.reconnect_s
+                if gave_up:
+                    return False
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
+        agent.last_seen = self.clock()
+        log.info("cluster %s: agent %s… connection lost; waiting for it on channel epoch %d",
+                 self.cluster, agent.id[6:14], agent.epoch)
+        return True
+
+    async def _say_drain(self, agent: Agent) -> None:
+        try:
+            await self._send(agent, b'{"t":"drain"}')
+        except RelayError:
+            pass
+
+    async def _beat(self, agent: Agent) -> None:
+        """We are here, and have read this many of its frames on this channel (so it need not
+        keep their results to send again)."""
+        message = json.dumps({"t": "beat", "got": agent.opener.next_seq}).encode()
+        try:
+            await self._send(agent, message)
+        except RelayError:
+            pass
+
     async def _fail_later(self, agent: Agent) -> None:
         await asyncio.sleep(LOST_GRACE_S)
         for channel in list(agent.requests):
             self._settle(agent, channel, error=AgentLost("the agent went away"))
 
     async def _drain(self, agent: Agent) -> None:
+        if agent.phase == "reconnecting":
+            agent.phase_before = "draining"  # told once it is back
+            return
         if agent.phase in ("gone", "draining") or agent.link is None:
             return
         agent.phase = "draining"
-        try:
-            await self._send(agent, b'{"t":"drain"}')
-        except RelayError:
-            pass
+        await self._say_drain(agent)
 
     async def _send(self, agent: Agent, message: bytes) -> None:
         # The agent opens frames strictly in sequence and drops its channel on a gap, and
         # dispatches come from several threads (batch chunks): number and send each frame
         # under one lock, on the loop, so the order sealed is the order sent.
         async with agent.sending:
-            assert agent.link is not None
+            if agent.phase == "reconnecting" or agent.link is None:
+                raise RelayError("the agent's connection is being re-established")
             await agent.link.send(agent.sealer.seal(FrameType.DATA, message))
 
     # -- the manager ---------------------------------------------------------------------------------
@@ -308,7 +423,8 @@ class AgentPool:
             await asyncio.sleep(MANAGE_EVERY_S)
 
     def _live(self) -> list[Agent]:
-        return [a for a in self.agents.values() if a.phase in ("queued", "starting", "ready")]
+        return [a for a in self.agents.values()
+                if a.phase in ("queued", "starting", "ready", "reconnecting")]
 
     def desired(self) -> int:
         """Agents wanted now: enough ready room for what is in flight and waiting."""
@@ -320,23 +436,34 @@ class AgentPool:
     async def _adjust(self) -> None:
         s, now = self.settings, self.clock()
         for agent in list(self.agents.values()):
-            # An agent whose job ended, or that stopped beating, is gone: a process killed on
-            # its node leaves its relay channel open on our side, so silence is the signal.
-            silent = agent.phase in ("starting", "ready", "draining") and \
-                now - agent.last_seen > 3 * s.heartbeat_s
-            if (agent.job is not None and agent.job.done()) or silent:
-                if agent.link is not None:
-                    log.warning("cluster %s: agent %s… %s", self.cluster, agent.id[6:14],
-                                "stopped beating" if silent else "ended")
-                    await agent.link.close()  # its listener then retires it
+            # An agent whose job ended is gone; so is one lost that did not come back in time.
+            ended = agent.job is not None and agent.job.done()
+            stuck = agent.phase == "reconnecting" and agent.lost_at is not None and \
+                now - agent.lost_at > s.reconnect_s
+            if ended or stuck:
+                await self._retire(agent, "ended" if ended else
+                                   "did not come back after its connection was lost")
                 continue
+            # A connection can die without either end being told (a process killed on its
+            # node, a firewall dropping an idle flow): silence is the signal. Our end moves to
+            # the agent's next channel, where the agent, not hearing us either, comes too.
+            if agent.phase in ("starting", "ready", "draining") and \
+                    now - agent.last_seen > SILENT_BEATS * s.heartbeat_s:
+                log.warning("cluster %s: agent %s… stopped beating", self.cluster,
+                            agent.id[6:14])
+                if agent.link is not None:
+                    await agent.link.close()  # its listener then reconnects
+                continue
+            if agent.phase in ("starting", "ready", "draining") and \
+                    now - agent.beat_sent >= s.heartbeat_s:
+                agent.beat_sent = now
+                self._spawn(self._beat(agent))
             if agent.phase in ("queued", "starting") and now - agent.launched_at > \
                     s.launch_timeout_s:
                 log.warning("cluster %s: agent %s… not ready after %.0f s; giving up on it",
                             self.cluster, agent.id[6:14], now - agent.launched_at)
                 await self._drain(agent)
-                if agent.link is not None:
-                    await agent.link.close()
+                await self._retire(agent, None)
             # Replace before the walltime ends: successor first, then drain the old one.
             elif agent.phase == "ready" and now - agent.launched_at > \
                     agent.walltime_s - s.replace_before_s and not agent.replaced:
@@ -357,6 +484,16 @@ class AgentPool:
                 log.info("cluster %s: agent %s… idle; stopping it", self.cluster,
                          idle[0].id[6:14])
                 await self._drain(idle[0])
+
+    async def _retire(self, agent: Agent, why: str | None) -> None:
+        """Close the agent's link for good; its listener then forgets it."""
+        if agent.retiring:
+            return
+        agent.retiring = True
+        if why:
+            log.warning("cluster %s: agent %s… %s", self.cluster, agent.id[6:14], why)
+        if agent.link is not None:
+            await agent.link.close()
 
     async def _launch_quietly(self) -> None:
         try:
