@@ -475,6 +475,32 @@ def test_a_killed_agent_is_replaced_and_requests_still_complete(tmp_path):
         assert headers["x-stream-dispatch"] == "agent"
 
 
+def test_an_agent_that_falls_silent_and_wakes_up_comes_back_on_its_next_channel(tmp_path):
+    """The agent's process is stopped (SIGSTOP: a stalled node, a partition): its connection
+    stays open but carries nothing. The gateway notices the silence and waits on the agent's
+    next channel; the agent, woken, notices the gateway's silence and comes there too. It is
+    the same agent, ready again, and no other was launched meanwhile."""
+    with agent_gateway(
+        tmp_path, {"control_plane": "local", "local_workers": 3},
+        {"min_warm": 1, "max": 1, "walltime_s": 600, "replace_before_s": 60},
+        {"answer_tokens": 10}) as (gw, sim, pool, agent):
+        os.kill(agent.pid, signal.SIGSTOP)
+        try:
+            until(lambda: agent.phase == "reconnecting", 30, "the gateway to notice the silence")
+            assert pool.counts()["reconnecting"] == 1 and pool.launched == 1
+            messages = ask("while the agent is stopped")
+            text, headers = stream_text(gw.url, "hpc/m", messages)
+            assert text == answer_text("m", messages, 10)
+            assert headers["x-stream-dispatch"] == "job"
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
+        until(lambda: agent.phase == "ready", 60, "the agent to come back")
+        assert agent.resumed == 1 and agent.epoch == 1 and pool.ready() == [agent]
+        assert pool.launched == 1, "no replacement for an agent that came back"
+        text, headers = stream_text(gw.url, "hpc/m", messages)
+        assert text == answer_text("m", messages, 10) and headers["x-stream-dispatch"] == "agent"
+
+
 # -- cold starts ----------------------------------------------------------------------------
 
 
@@ -765,8 +791,8 @@ def test_a_cluster_whose_relay_restarts_keeps_its_agent_and_the_answer_in_flight
         text += "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == answer_text("m", messages, 40), "the answer in flight arrives whole"
 
-        until(lambda: cluster.state() == "ready", 60, "the cluster to be ready again")
-        assert cluster.pool.ready() == [agent] and agent.resumed == 1 and agent.epoch == 1
+        until(lambda: cluster.pool.ready() == [agent], 60, "the agent to be ready again")
+        assert cluster.state() == "ready" and agent.resumed == 1 and agent.epoch == 1
         assert cluster.pool.launched == 1, "no agent was launched to replace it"
         messages = ask("after the relay restarted")
         text, headers = stream_text(gw.url, "hpc/m", messages)

@@ -157,6 +157,11 @@ class AgentPool:
     def ready(self) -> list[Agent]:
         return [a for a in self.agents.values() if a.phase == "ready"]
 
+    def reconnecting_after_ready(self) -> bool:
+        """An agent that had said ready is reconnecting: the cluster's backend was up."""
+        return any(a.phase == "reconnecting" and a.ready_at is not None
+                   for a in self.agents.values())
+
     def pick(self) -> Agent | None:
         """The ready agent with the most room, or None when every ready agent is full."""
         room = [a for a in self.ready() if a.inflight < self.settings.max_concurrency]

@@ -85,6 +85,9 @@ class Cluster:
             # backend (which may take many minutes to load a model) answers.
             if self.pool.ready():
                 return "ready"
+            if self.plane_state == "ready" and self.pool.reconnecting_after_ready():
+                # The backend answered before the connection was lost: jobs serve meanwhile.
+                return "ready"
             counts = self.pool.counts()
             return "queued" if counts["queued"] and not counts["starting"] else "starting"
         # Agents on demand only (min_warm 0), or none: jobs are the way in, so the control
