@@ -82,6 +82,7 @@ class _Channel:
         # Results sent but not yet confirmed by the gateway: (epoch, sequence number, message).
         self._unconfirmed: list[tuple[int, int, dict[str, Any]]] = []
         self._connect()
+        self.heard = self.connected  # when the gateway last sent anything, on any channel
 
     def _connect(self) -> None:
         from websockets.sync.client import connect
@@ -99,7 +100,7 @@ class _Channel:
         )
         # Entered as a context (websockets warns otherwise); left by close().
         self._conn = conn.__enter__()
-        self.heard = time.monotonic()  # when the gateway last sent anything
+        self.connected = time.monotonic()
 
     def _send_locked(self, message: dict[str, Any], final: bool, keep: bool) -> bool:
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -140,13 +141,18 @@ class _Channel:
         return message
 
     def silent_for(self) -> float:
+        """How long this connection has carried nothing from the gateway."""
+        return time.monotonic() - max(self.heard, self.connected)
+
+    def unheard_for(self) -> float:
+        """How long the gateway has said nothing, on any channel."""
         return time.monotonic() - self.heard
 
     def reconnect(self, hello: dict[str, Any], serving: list[str]) -> bool:
         """Move to the next epoch's channel (retrying while the relay is away, for at most
         `reconnect_s`), say `hello` there with the requests held, and send again every result
         not yet confirmed. False when no epoch is left or the relay stays away."""
-        deadline = time.monotonic() + self._spec.get("reconnect_s", 60.0)
+        deadline = time.monotonic() + self._spec.get("reconnect_s", 120.0)
         with self._lock:  # senders wait: what they send goes out on the new channel
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -218,6 +224,8 @@ def run_agent(spec: dict[str, Any]) -> dict[str, Any]:
                 return message
         except Exception:
             pass
+        if channel.unheard_for() > spec.get("reconnect_s", 120.0):
+            raise _LinkLost  # the gateway is gone (restarted, say): nobody will come
         with lock:
             serving = list(inflight)
         if not channel.reconnect({"t": "hello", "phase": phase, **ident}, serving):
