@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -194,3 +195,20 @@ async def test_health_endpoint_over_http(relay):
     async with httpx2.AsyncClient() as client:
         resp = await client.get(f"http://127.0.0.1:{relay.port}/health")
     assert resp.status_code == 200 and resp.json()["status"] == "ok"
+
+
+async def test_a_relay_that_drops_the_connection_before_the_handshake_is_unreachable_not_a_crash():
+    """A relay that is stopping or starting can accept a connection and close it at once. To
+    the dialler that is a RelayError (retry later), not the WebSocket library's own error."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(RelayError, match="handshake"):
+            await dial(f"ws://127.0.0.1:{port}", "c", "consumer", "token")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -187,8 +187,11 @@ class _Channel:
 
 
 def _refused(error: Exception) -> bool:
-    """The relay answered and said no (as opposed to not answering at all)."""
-    return type(error).__name__ in ("InvalidStatus", "InvalidHandshake", "InvalidStatusCode")
+    """The relay answered with an HTTP status and said no (as opposed to not answering, or
+    dropping the connection halfway, as a relay that is stopping or starting can)."""
+    from websockets.exceptions import InvalidStatus
+
+    return isinstance(error, InvalidStatus)
 
 
 def run_agent(spec: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from streamllm.errors import RelayError, TokenRejected
 from streamllm.relay.frames import HEADER_SIZE, MAX_PAYLOAD
@@ -71,4 +71,8 @@ async def dial(
         raise RelayError(f"relay refused the connection ({status}): {detail}") from None
     except (OSError, TimeoutError) as e:
         raise RelayError(f"relay unreachable: {e}") from None
+    except (InvalidHandshake, ConnectionClosed) as e:
+        # A relay that is stopping or starting can accept the connection and drop it before
+        # the handshake is done: unreachable too, for now.
+        raise RelayError(f"relay handshake failed: {e}") from None
     return RelayLink(conn)

@@ -265,6 +265,9 @@ class AgentPool:
         try:
             while await self._hear(agent) and await self._reconnect(agent):
                 pass
+        except Exception:
+            log.exception("cluster %s: agent %s… could not be reconnected", self.cluster,
+                          agent.id[6:14])
         finally:
             agent.phase = "gone"
             self.agents.pop(agent.id, None)
@@ -326,7 +329,8 @@ class AgentPool:
             # Requests it does not name never reached it: they fail now (and go elsewhere)
             # rather than wait for a result that will not come.
             held = set(hello.get("serving") or ())
-            for channel in [c for c in agent.requests if c not in held]:
+            # (listed first: dispatching threads may add to it meanwhile)
+            for channel in [c for c in list(agent.requests) if c not in held]:
                 self._settle(agent, channel,
                              error=AgentLost("the request was lost with the agent's connection"))
             agent.resumed += 1
