@@ -354,7 +354,8 @@ def test_a_clusters_estimated_wait_counts_down_from_the_agent_furthest_along():
 async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_it():
     """Its hello on the new channel names the requests it holds: the others fail at once (they
     go elsewhere) instead of waiting for a result that will not come; a drain said while the
-    connection was lost is said again; and no replacement is launched while it reconnects."""
+    connection was lost is said again; what was made for the lost connection is not sent on
+    the new one; and no replacement is launched while it reconnects."""
     import asyncio
     import concurrent.futures
     import json
@@ -362,6 +363,7 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     from streamllm.config import AgentSettings
     from streamllm.relay.crypto import Opener, Sealer, new_key
     from streamllm.relay.frames import Direction
+    from streamllm.errors import RelayError
     from streamllm.tiers.agents import Agent, AgentLost, AgentPool
 
     class Link:
@@ -375,7 +377,7 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
                      relay_url="", secret=b"", backend_url="")
     agent = Agent("agent-x", "agent-x", key, Sealer(key, "agent-x", Direction.UP),
                   Opener(key, "agent-x", Direction.DOWN), launched_at=0.0, walltime_s=60.0,
-                  phase="reconnecting", phase_before="ready", lost_at=1.0)
+                  phase="reconnecting", phase_before="ready", lost_at=1.0, epoch=1)
     agent.link = Link()  # type: ignore[assignment]
     pool.agents[agent.id] = agent
     held, lost = concurrent.futures.Future(), concurrent.futures.Future()
@@ -392,6 +394,9 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     await asyncio.gather(*pool._tasks)
     opened = Opener(key, "agent-x", Direction.UP).open(Link.sent[0])[1]
     assert json.loads(opened) == {"t": "drain"}
+    with pytest.raises(RelayError):  # a request (or beat) made on epoch 0, sent after it
+        await pool._send(agent, b'{"t":"job"}', 0)
+    assert len(Link.sent) == 1
     pool._on_message(agent, {"t": "done", "channel": "held", "result": {"ok": 1}})
     pool._on_message(agent, {"t": "done", "channel": "held", "result": {"ok": 2}})  # again
     assert held.result(timeout=0) == {"ok": 1} and agent.served == 1

@@ -201,10 +201,11 @@ class AgentPool:
         message = json.dumps({"t": "job", "fn": AGENT_WORK[fn], "job": wire},
                              separators=(",", ":")).encode()
         assert self._loop is not None and agent.link is not None
+        epoch = agent.epoch
 
         async def send() -> None:
             try:
-                await self._send(agent, message)
+                await self._send(agent, message, epoch)
             except RelayError as e:
                 self._settle(agent, job["channel"], error=AgentLost(str(e)))
 
@@ -395,7 +396,7 @@ class AgentPool:
         keep their results to send again)."""
         message = json.dumps({"t": "beat", "got": agent.opener.next_seq}).encode()
         try:
-            await self._send(agent, message)
+            await self._send(agent, message, agent.epoch)
         except RelayError:
             pass
 
@@ -413,12 +414,16 @@ class AgentPool:
         agent.phase = "draining"
         await self._say_drain(agent)
 
-    async def _send(self, agent: Agent, message: bytes) -> None:
+    async def _send(self, agent: Agent, message: bytes, epoch: int | None = None) -> None:
+        """Send `message` on the agent's channel; with `epoch`, only if that channel is still
+        the agent's (a request or a beat made for a lost connection is not for its successor:
+        the agent's hello there has already said what it holds)."""
         # The agent opens frames strictly in sequence and drops its channel on a gap, and
         # dispatches come from several threads (batch chunks): number and send each frame
         # under one lock, on the loop, so the order sealed is the order sent.
         async with agent.sending:
-            if agent.phase == "reconnecting" or agent.link is None:
+            if agent.phase == "reconnecting" or agent.link is None or \
+                    (epoch is not None and epoch != agent.epoch):
                 raise RelayError("the agent's connection is being re-established")
             await agent.link.send(agent.sealer.seal(FrameType.DATA, message))
 
