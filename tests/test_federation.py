@@ -1,5 +1,6 @@
 """Several simulated clusters behind one gateway: placement by model, failover, load spreading,
-warm agents (replacement at walltime, scaling) and cold starts made visible.
+warm agents (replacement at walltime, scaling, reconnection after a lost connection) and cold
+starts made visible.
 
 Each cluster has its own control plane (separate Parsl engines, or a process pool), its own
 in-process relay and its own simulator standing in for its vLLM, with different models and
