@@ -18,17 +18,7 @@ const state = {
   config: { tiers: [], judges: [], default_judge: null, allow_cloud: true },
   settings: { tier: "auto", allowCloud: true, judge: null },
   conversations: [],
-  // Bumped by every refresh and every local change, so that a list fetched before a change
-  // (rename, delete, new chat) cannot overwrite it when its answer arrives late.
-  listVersion: 0,
-  listLoading: 0, // refreshes under way; the list is aria-busy meanwhile
   renamingId: null, // while a title is being edited, the list is not redrawn under it
-  // Bumped by every conversation opened and every new chat: only the latest one is shown, so
-  // a slow answer for one opened before does not replace it.
-  openVersion: 0,
-  opening: 0, // conversations being fetched; the messages are aria-busy meanwhile
-  usageVersion: 0, // the usage shown is for the last period asked for, not the last answered
-  usageLoading: 0,
   currentId: null,
   messages: [], // of the open conversation: {role, content, meta, failed?}
   stream: null, // the answer being written: {controller, convId, article}
@@ -39,6 +29,42 @@ const state = {
 };
 
 // ---- HTTP --------------------------------------------------------------------------------
+
+/** Loads into one part of the page where only the last one asked for counts: an answer that
+ *  arrives after a later load began, or after `outdate()` (a change made here), comes back
+ *  with `latest: false` and is not to be shown. The part is aria-busy while any load is under
+ *  way. `load(fetch)` resolves to {latest, value} or {latest, error}. */
+function latestLoads(elementId) {
+  let version = 0;
+  let running = 0;
+  return {
+    outdate() {
+      version += 1;
+    },
+    async load(fetch) {
+      const mine = ++version;
+      const part = $(elementId);
+      running += 1;
+      part.setAttribute("aria-busy", "true");
+      let outcome;
+      try {
+        outcome = { value: await fetch() };
+      } catch (error) {
+        outcome = { error };
+      } finally {
+        running -= 1;
+        if (!running) part.removeAttribute("aria-busy");
+      }
+      return { ...outcome, latest: mine === version };
+    },
+  };
+}
+
+const loads = {
+  list: latestLoads("conversation-list"), // refreshes, outdated by local changes
+  messages: latestLoads("messages"), // the conversation opened last (or a new chat) wins
+  usage: latestLoads("usage-view"), // the period asked for last
+};
 
 class ApiError extends Error {
   constructor(status, message, extra = {}) {
@@ -240,7 +266,7 @@ function resetApp() {
   clearInterval(state.healthTimer);
   state.healthTimer = null;
   state.started = false;
-  state.listVersion += 1;
+  loads.list.outdate();
   state.conversations = [];
   state.renamingId = null;
   state.currentId = null;
@@ -356,29 +382,17 @@ async function refreshHealth() {
 // ---- conversations -----------------------------------------------------------------------
 
 async function refreshConversations() {
-  const version = ++state.listVersion;
-  const list = $("conversation-list");
-  state.listLoading += 1;
-  list.setAttribute("aria-busy", "true");
-  let conversations = [];
-  try {
-    const body = await api("/ui/api/conversations");
-    conversations = (body && body.data) || [];
-  } catch (err) {
-    if (err instanceof ApiError && err.status === 401) return;
-  } finally {
-    state.listLoading -= 1;
-    if (!state.listLoading) list.removeAttribute("aria-busy");
-  }
-  if (version !== state.listVersion) return; // a newer refresh or a local change came first
-  state.conversations = conversations;
+  const { latest, value, error } = await loads.list.load(() => api("/ui/api/conversations"));
+  if (error instanceof ApiError && error.status === 401) return;
+  if (!latest) return; // a newer refresh or a local change came first
+  state.conversations = (value && value.data) || [];
   renderConversationList();
 }
 
 /** A change made here, already accepted by the server: shown at once, and not undone by a
  *  refresh that was asked for before it. */
 function changeConversations(update) {
-  state.listVersion += 1;
+  loads.list.outdate();
   state.conversations = update(state.conversations);
   renderConversationList();
 }
@@ -490,7 +504,7 @@ async function deleteConversation(conversation) {
 }
 
 function newChat(focus = true) {
-  state.openVersion += 1;
+  loads.messages.outdate();
   state.currentId = null;
   state.messages = [];
   clearMessages();
@@ -502,16 +516,14 @@ function newChat(focus = true) {
 }
 
 async function openConversation(id) {
-  const version = ++state.openVersion; // even when already open: it outdates any slower open
-  if (state.currentId === id && state.messages.length) return;
-  const box = $("messages");
-  state.opening += 1;
-  box.setAttribute("aria-busy", "true");
-  let conversation;
-  try {
-    conversation = await api(`/ui/api/conversations/${encodeURIComponent(id)}`);
-  } catch (err) {
-    if (version !== state.openVersion) return;
+  if (state.currentId === id && state.messages.length) {
+    loads.messages.outdate(); // already open: any slower open of another one is not shown
+    return;
+  }
+  const { latest, value: conversation, error: err } = await loads.messages.load(
+    () => api(`/ui/api/conversations/${encodeURIComponent(id)}`));
+  if (!latest) return; // another conversation, or a new chat, came after
+  if (err) {
     state.currentId = null;
     state.messages = [];
     clearMessages();
@@ -519,11 +531,7 @@ async function openConversation(id) {
       ? "That conversation does not exist (any more)." : describeError(err));
     renderConversationList();
     return;
-  } finally {
-    state.opening -= 1;
-    if (!state.opening) box.removeAttribute("aria-busy");
   }
-  if (version !== state.openVersion) return; // another conversation, or a new chat, came after
   state.currentId = id;
   state.messages = (conversation.messages || []).map((m) => ({ ...m }));
   clearMessages();
@@ -936,24 +944,14 @@ const TIER_ORDER = ["local", "hpc", "cloud"];
 async function loadUsage() {
   const days = Number($("usage-days").value) || 30;
   const status = $("usage-status");
-  const view = $("usage-view");
-  const version = ++state.usageVersion;
   status.textContent = "Loading usage…";
-  state.usageLoading += 1;
-  view.setAttribute("aria-busy", "true");
-  let usage;
-  try {
-    usage = await api(`/v1/usage?days=${days}`);
-  } catch (err) {
-    if (version === state.usageVersion) {
-      status.textContent = `Could not load usage: ${describeError(err)}`;
-    }
+  const { latest, value: usage, error } = await loads.usage.load(
+    () => api(`/v1/usage?days=${days}`));
+  if (!latest) return; // another period was asked for after this one
+  if (error) {
+    status.textContent = `Could not load usage: ${describeError(error)}`;
     return;
-  } finally {
-    state.usageLoading -= 1;
-    if (!state.usageLoading) view.removeAttribute("aria-busy");
   }
-  if (version !== state.usageVersion) return;
   status.textContent = `Last ${days} days${usage.key ? ` for ${usage.key}` : ""}.`;
   state.usage = { usage, days };
   renderUsage();
