@@ -361,7 +361,8 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     import json
 
     from streamllm.config import AgentSettings
-    from streamllm.relay.crypto import Opener, Sealer, new_key
+    from streamllm.hpc.agent import epoch_channel, epoch_key
+    from streamllm.relay.crypto import Opener, new_key
     from streamllm.relay.frames import Direction
     from streamllm.errors import RelayError
     from streamllm.tiers.agents import Agent, AgentLost, AgentPool
@@ -375,8 +376,7 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     key = new_key()
     pool = AgentPool("c", AgentSettings(min_warm=1, max=1), plane=None,  # type: ignore[arg-type]
                      relay_url="", secret=b"", backend_url="")
-    agent = Agent("agent-x", "agent-x", key, Sealer(key, "agent-x", Direction.UP),
-                  Opener(key, "agent-x", Direction.DOWN), launched_at=0.0, walltime_s=60.0,
+    agent = Agent("agent-x", "agent-x", key, launched_at=0.0, walltime_s=60.0,
                   phase="reconnecting", phase_before="ready", lost_at=1.0, epoch=1)
     agent.link = Link()  # type: ignore[assignment]
     pool.agents[agent.id] = agent
@@ -392,7 +392,8 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     assert not held.done() and list(agent.requests) == ["held"]
     assert agent.phase == "draining" and agent.resumed == 1 and agent.lost_at is None
     await asyncio.gather(*pool._tasks)
-    opened = Opener(key, "agent-x", Direction.UP).open(Link.sent[0])[1]
+    now_on = epoch_channel("agent-x", 1)  # the agent's channel since it came back
+    opened = Opener(epoch_key(key, "agent-x", 1), now_on, Direction.UP).open(Link.sent[0])[1]
     assert json.loads(opened) == {"t": "drain"}
     with pytest.raises(RelayError):  # a request (or beat) made on epoch 0, sent after it
         await pool._send(agent, b'{"t":"job"}', 0)

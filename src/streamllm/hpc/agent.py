@@ -78,28 +78,29 @@ class _Channel:
         self._spec = spec
         self._lock = threading.Lock()
         self._tokens = [spec["producer_token"], *spec.get("reconnect_tokens", [])]
-        self.epoch = 0
         # Results sent but not yet confirmed by the gateway: (epoch, sequence number, message).
         self._unconfirmed: list[tuple[int, int, dict[str, Any]]] = []
-        self._connect()
+        self._connect(0)
         self.heard = self.connected  # when the gateway last sent anything, on any channel
 
-    def _connect(self) -> None:
+    def _connect(self, epoch: int) -> None:
+        """Dial `epoch`'s channel; from then on it is the one used (raises if it cannot be)."""
         from websockets.sync.client import connect
 
-        spec, name = self._spec, epoch_channel(self._spec["channel"], self.epoch)
-        key = epoch_key(spec["key"], spec["channel"], self.epoch)
-        self._sealer = Sealer(key, name, Direction.DOWN)
-        self._opener = Opener(key, name, Direction.UP, require_sealed=True)
+        spec, name = self._spec, epoch_channel(self._spec["channel"], epoch)
         conn = connect(
             f"{spec['relay_url'].rstrip('/')}/v1/channels/{name}",
-            additional_headers={"authorization": f"Bearer {self._tokens[self.epoch]}",
+            additional_headers={"authorization": f"Bearer {self._tokens[epoch]}",
                                 "x-stream-role": "producer"},
             open_timeout=spec.get("relay_connect_s", 30.0), compression=None,
             max_size=None,
         )
         # Entered as a context (websockets warns otherwise); left by close().
         self._conn = conn.__enter__()
+        key = epoch_key(spec["key"], spec["channel"], epoch)
+        self._sealer = Sealer(key, name, Direction.DOWN)
+        self._opener = Opener(key, name, Direction.UP, require_sealed=True)
+        self.epoch = epoch
         self.connected = time.monotonic()
 
     def _send_locked(self, message: dict[str, Any], final: bool, keep: bool) -> bool:
@@ -156,19 +157,20 @@ class _Channel:
         with self._lock:  # senders wait: what they send goes out on the new channel
             with contextlib.suppress(Exception):
                 self._conn.close()
-            delay = 0.2
+            epoch, delay = self.epoch + 1, 0.2
             while True:
-                if self.epoch + 1 >= len(self._tokens):
+                if epoch >= len(self._tokens):
                     return False
-                self.epoch += 1
                 try:
-                    self._connect()
+                    self._connect(epoch)
                     break
                 except Exception as e:
-                    # Refused outright (a token already spent on a handshake that failed
-                    # halfway): that epoch is gone, try the next. Unreachable: the same one.
-                    if not _refused(e):
-                        self.epoch -= 1
+                    if _refused(e):
+                        # Its token was spent on a handshake that failed halfway: that epoch
+                        # is gone, try the next.
+                        epoch += 1
+                        continue
+                # Unreachable (a relay restarting, say): the same epoch again, after a pause.
                 if time.monotonic() + delay > deadline:
                     return False
                 time.sleep(delay)

@@ -66,8 +66,6 @@ class Agent:
     id: str
     channel: str  # its first relay channel; later epochs' are derived from it
     key: bytes  # delivered at launch; later epochs' keys are derived from it
-    sealer: Sealer
-    opener: Opener
     launched_at: float
     walltime_s: float
     phase: str = "queued"  # queued | starting | ready | draining | reconnecting | gone
@@ -89,6 +87,20 @@ class Agent:
     lost_at: float | None = None  # when its connection was lost, while reconnecting
     retiring: bool = False  # we closed its link on purpose: do not reconnect
     beat_sent: float = 0.0  # when we last told it we are here (and what we have read)
+    sealer: Sealer = field(init=False, repr=False)  # for the current epoch's channel
+    opener: Opener = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.move_to(self.epoch)
+
+    def move_to(self, epoch: int) -> str:
+        """Use `epoch`'s channel from now on (its own key; sequence numbers from 0); its name."""
+        self.epoch = epoch
+        name = epoch_channel(self.channel, epoch)
+        key = epoch_key(self.key, self.channel, epoch)
+        self.sealer = Sealer(key, name, Direction.UP)
+        self.opener = Opener(key, name, Direction.DOWN, require_sealed=True)
+        return name
 
     @property
     def inflight(self) -> int:
@@ -225,12 +237,16 @@ class AgentPool:
             future.set_result(result)
 
     # -- launching and listening ----------------------------------------------------------------------
+    @property
+    def _token_ttl(self) -> float:
+        # An agent's tokens must outlive it: it dials when its job starts, whenever that is,
+        # and again after each lost connection.
+        return self.settings.walltime_s + self.settings.launch_timeout_s
+
     async def launch(self) -> Agent:
-        s = self.settings
+        s, ttl = self.settings, self._token_ttl
         channel = "agent-" + secrets.token_hex(12)
         key = new_key()
-        # The agent's tokens must outlive it: it dials once, at start, whenever that is.
-        ttl = s.walltime_s + s.launch_timeout_s
         spec = {
             "agent_id": channel, "relay_url": self.relay_url, "channel": channel,
             "producer_token": mint(self._secret, channel, "producer", ttl), "key": key,
@@ -242,9 +258,7 @@ class AgentPool:
                                  for n in range(1, s.reconnects + 1)],
             "reconnect_s": s.reconnect_s,
         }
-        agent = Agent(channel, channel, key, Sealer(key, channel, Direction.UP),
-                      Opener(key, channel, Direction.DOWN, require_sealed=True),
-                      launched_at=self.clock(), walltime_s=s.walltime_s)
+        agent = Agent(channel, channel, key, launched_at=self.clock(), walltime_s=s.walltime_s)
         self.agents[agent.id] = agent
         self.launched += 1
         try:
@@ -356,22 +370,18 @@ class AgentPool:
         if agent.phase != "reconnecting":
             agent.phase_before, agent.lost_at = agent.phase, self.clock()
             agent.phase = "reconnecting"
-        if agent.phase_before != "queued":
-            if agent.epoch >= s.reconnects:
-                return False
-            agent.epoch += 1
-        name = epoch_channel(agent.channel, agent.epoch)
-        key = epoch_key(agent.key, agent.channel, agent.epoch)
-        agent.sealer = Sealer(key, name, Direction.UP)
-        agent.opener = Opener(key, name, Direction.DOWN, require_sealed=True)
+        epoch = agent.epoch if agent.phase_before == "queued" else agent.epoch + 1
+        if epoch > s.reconnects:
+            return False
+        name = agent.move_to(epoch)
         if agent.link is not None:
             await agent.link.close()
-        ttl = s.walltime_s + s.launch_timeout_s
         pause, longest = RECONNECT_BACKOFF_S
         while True:
             try:
                 agent.link = await dial(self.relay_url, name, "consumer",
-                                        mint(self._secret, name, "consumer", ttl), resume_from=0)
+                                        mint(self._secret, name, "consumer", self._token_ttl),
+                                        resume_from=0)
                 break
             except (RelayError, TokenRejected) as e:
                 gave_up = agent.retiring or self._stopping or isinstance(e, TokenRejected) or \
