@@ -335,8 +335,8 @@ def test_a_clusters_estimated_wait_counts_down_from_the_agent_furthest_along():
     from streamllm.tiers.agents import AgentPool
 
     now = [1000.0]
-    pool = AgentPool("c", AgentSettings(), plane=None, relay_url="", secret=b"",  # type: ignore[arg-type]
-                     backend_url="", clock=lambda: now[0])
+    pool = AgentPool("c", AgentSettings(), plane=None,  # type: ignore[arg-type]
+                     relay_url="", secret=b"", backend_url="", clock=lambda: now[0])
     assert pool.estimated_wait_s() == 60.0  # nothing known, nothing starting
     pool.startup_seconds = 300.0
     pool.agents["a"] = SimpleNamespace(phase="starting", launched_at=900.0)
