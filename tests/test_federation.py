@@ -24,6 +24,7 @@ import pytest
 
 from streamllm.config import Settings
 from streamllm.gateway import create_app
+from streamllm.hpc.control import JobsOnly
 from streamllm.serving import ServerThread
 from streamllm.sim.content import answer_text
 from tests.conftest import until
@@ -565,7 +566,7 @@ def test_a_control_plane_that_fails_its_first_jobs_comes_back(tmp_path, start_si
     down.set()
     refused = []
 
-    class EndpointDownWhileSet:
+    class EndpointDownWhileSet(JobsOnly):
         """The real plane, behind an endpoint that refuses jobs while `down` is set."""
 
         def __init__(self, plane):

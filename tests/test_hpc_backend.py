@@ -8,7 +8,7 @@ import pytest
 
 from streamllm.config import SimModelSettings, SimSettings
 from streamllm.errors import BackendFailed
-from streamllm.hpc.control import IdempotentSubmitter, LocalControlPlane
+from streamllm.hpc.control import IdempotentSubmitter, JobsOnly, LocalControlPlane
 from streamllm.relay.server import RelayServer
 from streamllm.serving import ServerThread
 from streamllm.sim.app import Simulator
@@ -100,7 +100,7 @@ async def test_job_failure_before_the_first_token_is_a_backend_failure(plane, re
         await collect(b.stream({"model": "broken", "messages": MESSAGES}))
 
 
-class NeverRuns:
+class NeverRuns(JobsOnly):
     """A control plane whose jobs stay queued forever (a cluster with a full queue)."""
 
     name = "never"
@@ -123,7 +123,7 @@ async def test_producer_that_never_connects_fails_within_the_deadline(relay, vll
     assert time.monotonic() - started < 5
 
 
-class Refuses:
+class Refuses(JobsOnly):
     """A control plane that is down: every submission raises (an endpoint that is offline)."""
 
     name = "down"

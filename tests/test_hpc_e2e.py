@@ -114,6 +114,24 @@ def test_streams_through_parsl_and_the_relay(gateway):
     assert runtime.relay.health()["frames_down"] >= 24  # it really went through the relay
 
 
+def test_a_parsl_job_is_named_a_job_and_starts_one_task(gateway):
+    """The dispatch header says how each request went, and finding that out starts nothing.
+    It was read from the control plane's future, and a Parsl AppFuture answers any attribute it
+    lacks with a new remote task: every request started a second task (which failed in Parsl's
+    dataflow kernel) and the header read `<AppFuture at 0x... state=pending>`."""
+    runtime, url = gateway
+    plane = runtime.backends["hpc"].clusters[0].plane
+    before = plane.tasks_started
+    for n in range(3):
+        messages = ask(f"how many nodes are free in partition {n}")
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="hpc/m", messages=messages, stream=True
+        )
+        assert raw.headers["x-stream-dispatch"] == "job"
+        assert read_stream(raw.parse())[0] == answer_text("m", messages, 24)
+    assert plane.tasks_started - before == 3
+
+
 def test_non_streaming_request_through_the_relay(gateway):
     _, url = gateway
     messages = ask("what is a partition")

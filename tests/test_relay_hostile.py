@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from streamllm.config import SimModelSettings, SimSettings
-from streamllm.hpc.control import IdempotentSubmitter, LocalControlPlane
+from streamllm.hpc.control import IdempotentSubmitter, JobsOnly, LocalControlPlane
 from streamllm.relay.crypto import Sealer, new_key
 from streamllm.relay.frames import HEADER_SIZE, Direction, FrameType, channel_tag
 from streamllm.relay.server import RelayServer
@@ -67,7 +67,7 @@ def plane():
     p.shutdown()
 
 
-class RecordingPlane:
+class RecordingPlane(JobsOnly):
     """A real control plane that keeps the jobs it carried: what the cluster, and only the
     cluster, is given (the key, the producer token, the prompt)."""
 

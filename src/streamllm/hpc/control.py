@@ -21,9 +21,27 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from streamllm.config import HPCSettings
+
+
+class DispatchKind(StrEnum):
+    """How a request reached the cluster (the `x-stream-dispatch` header)."""
+
+    JOB = "job"  # a job of its own through the control plane
+    AGENT = "agent"  # a warm agent that was already running
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    """A job as the gateway knows it: the control plane's future and what we need to know
+    about it. What we need is carried here, never asked of the future: a Parsl AppFuture
+    answers any attribute it lacks with a new remote task."""
+
+    future: concurrent.futures.Future[Any]
+    kind: DispatchKind = DispatchKind.JOB
 
 
 class ControlPlane(Protocol):
@@ -31,10 +49,22 @@ class ControlPlane(Protocol):
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]: ...
 
+    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob: ...
+
     def shutdown(self) -> None: ...
 
 
-class LocalControlPlane:
+class JobsOnly:
+    """A control plane whose every submission is a job of its own."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        raise NotImplementedError
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob:
+        return StartedJob(self.submit(fn, *args), DispatchKind.JOB)
+
+
+class LocalControlPlane(JobsOnly):
     name = "local"
 
     def __init__(self, max_workers: int = 4):
@@ -100,7 +130,7 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-gateway").start()
 
 
-class GlobusControlPlane:
+class GlobusControlPlane(JobsOnly):
     """Jobs go to a Globus Compute endpoint; the SDK batches submissions and streams results
     back over AMQP. Credentials come from the SDK's own login (`globus-compute-endpoint` /
     GLOBUS_COMPUTE_CLIENT_ID and _SECRET for a service identity); STREAM stores none."""
@@ -130,7 +160,7 @@ class GlobusControlPlane:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class ParslControlPlane:
+class ParslControlPlane(JobsOnly):
     """A private Parsl DataFlowKernel (not Parsl's global one), so several can coexist."""
 
     name = "parsl"
@@ -204,6 +234,11 @@ class ParslControlPlane:
 
         return python_app(fn, data_flow_kernel=self._dfk, executors=["stream_hpc"])(*args)
 
+    @property
+    def tasks_started(self) -> int:
+        """How many tasks Parsl's dataflow kernel has been given (ours and any it made)."""
+        return int(self._dfk.task_count)
+
     def shutdown(self) -> None:
         self._dfk.cleanup()
 
@@ -211,6 +246,7 @@ class ParslControlPlane:
 @dataclass
 class Submission:
     future: concurrent.futures.Future[Any]
+    kind: DispatchKind  # a job of its own or a warm agent (a joined job keeps its kind)
     started: bool  # False: this call joined a job an earlier call started
     args: tuple[Any, ...]  # the arguments the job was really started with
 
@@ -240,8 +276,9 @@ class IdempotentSubmitter:
                 job = known[1]
                 # A job that failed may be retried for real; one running or done is joined.
                 if not (job.future.done() and job.future.exception() is not None):
-                    return Submission(job.future, False, job.args)
-            job = Submission(self.plane.submit(fn, *args), True, args)
+                    return Submission(job.future, job.kind, False, job.args)
+            begun = self.plane.start(fn, *args)
+            job = Submission(begun.future, begun.kind, True, args)
             self.submitted += 1
             self._jobs[key] = (now, job)
             return job

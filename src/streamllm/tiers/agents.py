@@ -39,7 +39,7 @@ from streamllm.config import AgentSettings
 from streamllm.errors import RelayError, TokenRejected
 from streamllm.hpc.agent import SILENT_BEATS, epoch_channel, epoch_key, run_agent
 from streamllm.hpc.batch_worker import run_batch_chunk
-from streamllm.hpc.control import ControlPlane
+from streamllm.hpc.control import ControlPlane, DispatchKind, StartedJob
 from streamllm.hpc.worker import run_completion
 from streamllm.relay.client import RelayLink, dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
@@ -547,14 +547,15 @@ class AgentFirstPlane:
         self.name = plane.name
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        return self.start(fn, *args).future
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob:
         if fn in AGENT_WORK and self.pool.enabled:
             agent = self.pool.pick()
             if agent is not None:
-                future = self.pool.dispatch(agent, args[0], fn)
-                future.stream_via = "agent"  # type: ignore[attr-defined]
-                return future
+                return StartedJob(self.pool.dispatch(agent, args[0], fn), DispatchKind.AGENT)
             self.pool.overflowed()
-        return self.plane.submit(fn, *args)
+        return self.plane.start(fn, *args)
 
     def shutdown(self) -> None:
         self.plane.shutdown()

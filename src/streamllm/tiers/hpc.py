@@ -116,7 +116,7 @@ class HPCRelayBackend:
             raise self._failed(f"control plane {self.submitter.plane.name} refused the job: "
                                f"{type(e).__name__}: {e}") from None
         # A warm agent or a job of its own: the header says which (joined jobs keep theirs).
-        dispatch.headers["x-stream-dispatch"] = getattr(sub.future, "stream_via", "job")
+        dispatch.headers["x-stream-dispatch"] = sub.kind.value
         return sub.future, sub.args[0], sub.started
 
     def new_channel(self) -> dict[str, Any]:
