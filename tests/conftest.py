@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from streamllm import realmodel
 from streamllm.config import Settings, SimModelSettings, SimSettings
 from streamllm.gateway import create_app
 from streamllm.serving import ServerThread
@@ -58,6 +64,27 @@ def hpc_ready(app: Any, timeout: float = 120) -> None:
     dispatch, without the `x-stream-dispatch`/`x-stream-transport` headers some tests read."""
     clusters = app.state.runtime.backends["hpc"].clusters
     until(lambda: all(c.state() == "ready" for c in clusters), timeout, "the clusters to be ready")
+
+
+STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
+
+
+def start_relay(*args: str, host: str = "127.0.0.1") -> tuple[subprocess.Popen, int]:
+    """`streamllm relay` on a port the OS picks (port 0), and that port, read from its log.
+
+    A port picked here and bound later can be taken in between by another socket of this busy
+    process; that was seen as a worker's relay handshake timing out in the full suite.
+    """
+    relay = subprocess.Popen([STREAMLLM, "relay", "--host", host, "--port", "0", *args],
+                             stderr=subprocess.PIPE, text=True)
+    for line in relay.stderr:  # type: ignore[union-attr]
+        if "relay on ws" in line:
+            port = int(line.rsplit(":", 1)[1].split()[0])
+            # Keep reading its log so that it can never block on a full pipe.
+            threading.Thread(target=relay.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+            return relay, port
+    relay.wait()
+    raise AssertionError("the relay exited before it was ready")
 
 
 def closed_port() -> int:
@@ -225,3 +252,37 @@ def database_url(request, tmp_path) -> Iterator[str]:
         yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# -- the real parts: a Slurm cluster in a box and a real model ----------------------------------
+
+def unavailable(why: str) -> None:
+    """Skip a test whose real part cannot run here, and say why in one line; in CI, where every
+    real part must run, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test, but: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def slurm_box() -> Iterator[Any]:
+    """One Slurm cluster for the whole run (bring-up ~1 s), its commands first on PATH the way
+    a login node's are (Parsl's SlurmProvider runs them by name). Ended by PID at the end."""
+    from tests import slurm_box as box_module
+
+    why = box_module.why_not_available()
+    if why:
+        unavailable(why)
+    with box_module.SlurmBox() as box, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{box.bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        yield box
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory) -> Iterator[realmodel.ModelServer]:
+    """SmolLM2-135M-Instruct behind llama-cpp-python's OpenAI-compatible server (load ~1 s)."""
+    why = realmodel.why_not_available()
+    if why:
+        unavailable(why)
+    with realmodel.start_model_server(tmp_path_factory.mktemp("model-server")) as server:
+        yield server

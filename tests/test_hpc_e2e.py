@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import threading
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,9 +23,8 @@ from streamllm.hpc.worker import ping
 from streamllm.serving import ServerThread
 from streamllm.sim.app import Simulator
 from streamllm.sim.content import answer_text
-from tests.conftest import hpc_ready
+from tests.conftest import hpc_ready, start_relay
 
-STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 SECRET = "e2e-relay-secret-that-is-long-enough-0123456789"
 
 CLUSTER_MODELS = {
@@ -306,24 +302,6 @@ def test_worker_killed_mid_stream_ends_the_stream_with_an_error(one_worker):
 def hpc_backend(runtime):
     """The single cluster's HPC backend behind the (federated) hpc tier."""
     return runtime.backends["hpc"].clusters[0].backend
-
-
-def start_relay(*args: str) -> tuple[subprocess.Popen, int]:
-    """`streamllm relay` on a port the OS picks (port 0), and that port, read from its log.
-
-    A port picked here and bound later can be taken in between by another socket of this busy
-    process; that was seen as a worker's relay handshake timing out in the full suite.
-    """
-    relay = subprocess.Popen([STREAMLLM, "relay", "--port", "0", *args],
-                             stderr=subprocess.PIPE, text=True)
-    for line in relay.stderr:
-        if "relay on ws" in line:
-            port = int(line.rsplit(":", 1)[1].split()[0])
-            # Keep reading its log so that it can never block on a full pipe.
-            threading.Thread(target=relay.stderr.read, daemon=True).start()
-            return relay, port
-    relay.wait()
-    raise AssertionError("the relay exited before it was ready")
 
 
 def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(

@@ -7,13 +7,13 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import uvicorn
 import yaml
 
-from streamllm.config import ServerSettings, SimSettings, load_settings
+from streamllm.config import ServerSettings, Settings, SimSettings, load_settings
 from streamllm.errors import ConfigError
 from streamllm.cluster_cli import cluster_app
 from streamllm.judge_cli import judge_app
@@ -69,6 +69,9 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
     config: ConfigOption = None,
+    real_model: Annotated[bool, typer.Option(
+        "--real-model", help="Serve the local tier from a real small model (SmolLM2-135M, the "
+        "[real] extra), started as a child process.")] = False,
 ) -> None:
     """Start the gateway: the OpenAI-compatible API at /v1."""
     try:
@@ -98,23 +101,54 @@ def serve(
     _setup_logging(server.log_level, server.log_format)
     from streamllm.gateway import create_app
 
+    model_server = None
+    if real_model:
+        model_server, settings = _with_real_model(settings)
     try:
-        gateway = create_app(settings)
-    except ConfigError as e:
-        typer.echo(f"streamllm: {e}", err=True)
-        raise typer.Exit(2) from None
+        try:
+            gateway = create_app(settings)
+        except ConfigError as e:
+            typer.echo(f"streamllm: {e}", err=True)
+            raise typer.Exit(2) from None
 
+        logging.getLogger("streamllm").info(
+            "STREAM listening on http://%s:%d (API at /v1)", server.host, server.port
+        )
+        uvicorn.run(
+            gateway,
+            host=server.host,
+            port=server.port,
+            log_level=server.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if model_server is not None:
+            model_server.stop()
+
+
+def _with_real_model(settings: Settings) -> tuple[Any, Settings]:
+    """Start the real model's server and point the local tier at it."""
+    from streamllm import realmodel
+    from streamllm.config import TierSettings
+
+    why = realmodel.why_not_available()
+    if why:
+        typer.echo(f"streamllm: --real-model: {why}; `make run-real` installs it", err=True)
+        raise typer.Exit(2)
+    log_dir = Path(settings.server.data_dir).expanduser() / "logs"
+    try:
+        model_server = realmodel.start_model_server(log_dir)
+    except RuntimeError as e:
+        typer.echo(f"streamllm: --real-model: {e}", err=True)
+        raise typer.Exit(1) from None
     logging.getLogger("streamllm").info(
-        "STREAM listening on http://%s:%d (API at /v1)", server.host, server.port
-    )
-    uvicorn.run(
-        gateway,
-        host=server.host,
-        port=server.port,
-        log_level=server.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+        "local tier: %s on llama-cpp-python's server at %s (log: %s)", realmodel.MODEL_NAME,
+        model_server.url, model_server.log_path)
+    local = TierSettings(kind="llamacpp", base_url=model_server.url,
+                         models=[realmodel.MODEL_NAME], context_window=realmodel.CONTEXT_WINDOW)
+    tiers = {**settings.tiers, "local": local}
+    return model_server, settings.model_copy(update={"tiers": tiers})
 
 
 @app.command()
