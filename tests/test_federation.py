@@ -757,7 +757,8 @@ def test_a_cluster_whose_relay_restarts_keeps_its_agent_and_the_answer_in_flight
     requests go through it."""
     from streamllm.config import SimModelSettings, SimSettings
     from streamllm.sim.app import Simulator
-    from tests.test_hpc_e2e import SECRET, STREAMLLM, start_relay
+    from tests.conftest import STREAMLLM, start_relay
+    from tests.test_hpc_e2e import SECRET
 
     secret = tmp_path / "relay.secret"
     secret.write_text(SECRET)
