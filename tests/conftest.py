@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -69,13 +68,13 @@ def hpc_ready(app: Any, timeout: float = 120) -> None:
 STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 
 
-def start_relay(*args: str, host: str = "127.0.0.1") -> tuple[subprocess.Popen, int]:
+def start_relay(*args: str) -> tuple[subprocess.Popen, int]:
     """`streamllm relay` on a port the OS picks (port 0), and that port, read from its log.
 
     A port picked here and bound later can be taken in between by another socket of this busy
     process; that was seen as a worker's relay handshake timing out in the full suite.
     """
-    relay = subprocess.Popen([STREAMLLM, "relay", "--host", host, "--port", "0", *args],
+    relay = subprocess.Popen([STREAMLLM, "relay", "--port", "0", *args],
                              stderr=subprocess.PIPE, text=True)
     for line in relay.stderr:  # type: ignore[union-attr]
         if "relay on ws" in line:
@@ -89,11 +88,7 @@ def start_relay(*args: str, host: str = "127.0.0.1") -> tuple[subprocess.Popen, 
 
 def closed_port() -> int:
     """A loopback port nothing listens on (connections are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return realmodel.free_port()
 
 
 def stop_all(servers: list[ServerThread]) -> None:

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamllm.realmodel import free_port
+
 COMMANDS = ("sbatch", "squeue", "scancel", "sacct", "sinfo", "scontrol", "srun")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "boxnode"
@@ -39,12 +41,6 @@ def why_not_available() -> str | None:
         return (f"Slurm is not installed ({', '.join(missing)} missing): `make test` as root "
                 "installs Debian's slurmctld, slurmd, slurm-client and munge")
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

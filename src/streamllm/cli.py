@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 import uvicorn
@@ -18,6 +18,9 @@ from streamllm.errors import ConfigError
 from streamllm.cluster_cli import cluster_app
 from streamllm.judge_cli import judge_app
 from streamllm.keys_cli import keys_app
+
+if TYPE_CHECKING:
+    from streamllm.realmodel import ModelServer
 
 app = typer.Typer(
     add_completion=False,
@@ -127,7 +130,7 @@ def serve(
             model_server.stop()
 
 
-def _with_real_model(settings: Settings) -> tuple[Any, Settings]:
+def _with_real_model(settings: Settings) -> tuple[ModelServer, Settings]:
     """Start the real model's server and point the local tier at it."""
     from streamllm import realmodel
     from streamllm.config import TierSettings

