@@ -93,6 +93,23 @@ class GlobusSettings(_Strict):
     amqp_port: int | None = None  # 443 where outbound 5671 is blocked
 
 
+class SlurmSettings(_Strict):
+    """Jobs submitted with `sbatch`, one Slurm job per request, agent or batch chunk, so the
+    scheduler sees each as its caller's (docs/hpc-as-api.md). Parsl's `SlurmProvider` instead
+    runs every request in shared pilot jobs."""
+
+    partition: str | None = None
+    account: str | None = None  # the default account; callers listed in `accounts` use theirs
+    walltime: str = "00:30:00"  # per-request and batch jobs (agents: agents.walltime_s)
+    options: list[str] = Field(default_factory=list)  # more sbatch options: --gres=gpu:1, --qos=
+    python: str | None = None  # the nodes' interpreter with streamllm installed; default: ours
+    work_dir: str | None = None  # job outputs and results, on the cluster's filesystem
+    # Prefixed to every scheduler command (sbatch, squeue, scancel, and cat for results):
+    # ["ssh", "login1.hpc.example.edu"] from a gateway outside the cluster; none: run here.
+    login_command: list[str] = Field(default_factory=list)
+    poll_s: Seconds = 2.0  # one squeue for all of our jobs this often
+
+
 class AgentSettings(_Strict):
     """Warm agents: long-running workers started through the control plane that take requests
     over the relay, so a request pays no job dispatch (docs/federation.md). Off by default."""
@@ -123,9 +140,13 @@ class AgentSettings(_Strict):
 class HPCSettings(_Strict):
     """How the `hpc` tier reaches its cluster: a control plane for jobs, a relay for tokens."""
 
-    control_plane: Literal["parsl", "globus", "local"] = "parsl"
+    control_plane: Literal["parsl", "globus", "local", "slurm"] = "parsl"
     globus: GlobusSettings = Field(default_factory=GlobusSettings)
     parsl: ParslSettings = Field(default_factory=ParslSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    # Whose allocation a caller's jobs are charged to: caller (key) name -> scheduler account.
+    # Callers not listed use the control plane's default account (slurm.account).
+    accounts: dict[str, str] = Field(default_factory=dict)
     local_workers: Annotated[int, Field(ge=1)] = 4  # with control_plane: local
     transport: Literal["relay", "batch"] = "relay"
     relay_url: str | None = None  # ws:// or wss://; none: an in-process relay on loopback
@@ -146,6 +167,10 @@ class HPCSettings(_Strict):
     def _complete(self) -> "HPCSettings":
         if self.control_plane == "globus" and not self.globus.endpoint_id:
             raise ValueError("control_plane: globus needs globus.endpoint_id")
+        if self.accounts and self.control_plane != "slurm":
+            # Parsl's pilot jobs and a Globus endpoint's workers are shared by every caller.
+            raise ValueError("accounts (per-caller scheduler accounts) need control_plane: "
+                             "slurm, which submits each request as a job of its own")
         if self.relay_url and not self.relay_url.startswith(("ws://", "wss://")):
             raise ValueError("relay_url must start with ws:// or wss://")
         return self
@@ -177,8 +202,9 @@ class TierSettings(_Strict):
     drop_params: list[str] = Field(default_factory=list)  # request fields this backend rejects
     # Tokens the tier's models hold (prompt + answer); none: unknown, never skipped for size.
     context_window: Annotated[int, Field(ge=16)] | None = None
-    # A local HuggingFace `tokenizer.json` for exact counts (needs the `tokenizers` package);
-    # none: estimates calibrated from the token counts the backend reports.
+    # A local HuggingFace `tokenizer.json` (needs the `tokenizers` package) or a local GGUF
+    # model file, `.gguf` (needs llama-cpp-python; its vocabulary and chat template only) for
+    # exact counts; none: estimates calibrated from the token counts the backend reports.
     tokenizer: str | None = None
     # USD per million tokens, by model name ("*" for any other model of the tier).
     prices: dict[str, Price] = Field(default_factory=dict)

@@ -4,6 +4,8 @@
 - `globus`: a Globus Compute endpoint on the cluster (`globus_compute_sdk.Executor`).
 - `parsl`: a Parsl HighThroughputExecutor; `LocalProvider` by default (one machine, what tests
   and the demo use as the stand-in for a remote endpoint), Slurm or PBS on a cluster.
+- `slurm`: `sbatch` itself, one Slurm job per request, agent or batch chunk, charged to the
+  caller's account (hpc/slurm.py).
 
 Every submission carries an idempotency key: a client's retry of the same request gets the
 future of the job already running instead of starting a second GPU job.
@@ -42,6 +44,18 @@ class StartedJob:
 
     future: concurrent.futures.Future[Any]
     kind: DispatchKind = DispatchKind.JOB
+    job_id: str | None = None  # the scheduler's id for it, where the plane has one
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a scheduler is told about a job besides its work. Planes whose workers every
+    caller shares (Parsl's pilot jobs, a process pool) have nothing to tell and ignore it."""
+
+    caller: str | None = None  # whose request: the job's comment says so
+    account: str | None = None  # the allocation to charge; None: the plane's default
+    walltime_s: float | None = None  # how long it may run; None: the plane's default
+    comment: str | None = None  # instead of the one made from `caller`
 
 
 class ControlPlane(Protocol):
@@ -49,7 +63,8 @@ class ControlPlane(Protocol):
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]: ...
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob: ...
+    def start(self, fn: Callable[..., Any], *args: Any,
+              options: JobOptions | None = None) -> StartedJob: ...
 
     def shutdown(self) -> None: ...
 
@@ -60,7 +75,8 @@ class JobsOnly:
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         raise NotImplementedError
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob:
+    def start(self, fn: Callable[..., Any], *args: Any,
+              options: JobOptions | None = None) -> StartedJob:
         return StartedJob(self.submit(fn, *args), DispatchKind.JOB)
 
 
@@ -249,6 +265,7 @@ class Submission:
     kind: DispatchKind  # a job of its own or a warm agent (a joined job keeps its kind)
     started: bool  # False: this call joined a job an earlier call started
     args: tuple[Any, ...]  # the arguments the job was really started with
+    job_id: str | None = None  # the scheduler's id of the job (or of the agent's job)
 
 
 class IdempotentSubmitter:
@@ -262,7 +279,8 @@ class IdempotentSubmitter:
         self._lock = threading.Lock()
         self.submitted = 0  # how many jobs really reached the control plane
 
-    def submit(self, key: str, fn: Callable[..., Any], *args: Any) -> Submission:
+    def submit(self, key: str, fn: Callable[..., Any], *args: Any,
+               options: JobOptions | None = None) -> Submission:
         """Start `fn(*args)`, or join the job an earlier call with the same key started."""
         now = time.monotonic()
         with self._lock:
@@ -276,9 +294,9 @@ class IdempotentSubmitter:
                 job = known[1]
                 # A job that failed may be retried for real; one running or done is joined.
                 if not (job.future.done() and job.future.exception() is not None):
-                    return Submission(job.future, job.kind, False, job.args)
-            begun = self.plane.start(fn, *args)
-            job = Submission(begun.future, begun.kind, True, args)
+                    return Submission(job.future, job.kind, False, job.args, job.job_id)
+            begun = self.plane.start(fn, *args, options=options)
+            job = Submission(begun.future, begun.kind, True, args, begun.job_id)
             self.submitted += 1
             self._jobs[key] = (now, job)
             return job
@@ -289,6 +307,11 @@ def make_control_plane(settings: HPCSettings, data_dir: str) -> ControlPlane:
     workers), so callers off the event loop's thread."""
     if settings.control_plane == "local":
         return LocalControlPlane(max_workers=settings.local_workers)
+    if settings.control_plane == "slurm":
+        from streamllm.hpc.slurm import SlurmControlPlane
+
+        return SlurmControlPlane(settings.slurm, os.path.join(os.path.expanduser(data_dir),
+                                                              "slurm"))
     if settings.control_plane == "globus":
         g = settings.globus
         return GlobusControlPlane(
