@@ -86,8 +86,9 @@ def direct_answer(model_server, question: str, max_tokens: int = 40) -> str:
     return done.choices[0].message.content or ""
 
 
-def streamed(url: str, question: str, max_tokens: int = 40) -> tuple[str, str | None, dict]:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def streamed(url: str, question: str, max_tokens: int = 40,
+             key: str = "unused") -> tuple[str, str | None, dict]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, stream=True, **body(question, max_tokens))
     text, finish = "", None
@@ -98,11 +99,15 @@ def streamed(url: str, question: str, max_tokens: int = 40) -> tuple[str, str | 
     return text, finish, dict(raw.headers)
 
 
-def start_gateway(tmp: Path, clusters: dict[str, dict]) -> tuple[Any, ServerThread]:
+def start_gateway(tmp: Path, clusters: dict[str, dict], **more: Any) -> tuple[Any, ServerThread]:
+    """A gateway whose only tier is `hpc` with these clusters; `more`: other sections or
+    `server` settings (API keys)."""
+    server = {"detect_ollama": False, "data_dir": str(tmp), **more.pop("server", {})}
     settings = Settings.model_validate({
-        "server": {"detect_ollama": False, "data_dir": str(tmp)},
+        "server": server,
         "tiers": {"hpc": {"kind": "hpc", "clusters": clusters},
                   "local": {"enabled": False}, "cloud": {"enabled": False}},
+        **more,
     })
     app = create_app(settings)
     return app, ServerThread(app).start(timeout=120)

@@ -316,6 +316,7 @@ class ChatHandler:
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem,
+                                caller=ticket.caller.name if ticket.caller else None,
                                 may_fall_back=cand is not route.candidates[-1])
             try:
                 fitted, fit = await self._prepare(body, req, cand, ticket)
@@ -351,6 +352,7 @@ class ChatHandler:
         for cand in route.candidates:
             tier = self.runtime.tiers[cand.tier]
             dispatch = Dispatch(idempotency_key=idem,
+                                caller=ticket.caller.name if ticket.caller else None,
                                 may_fall_back=cand is not route.candidates[-1])
             try:
                 fitted, fit = await self._prepare(body, req, cand, ticket)

@@ -430,7 +430,7 @@ class Runtime:
             tier, IdempotentSubmitter(AgentFirstPlane(pool, plane), ttl_s=cs.idempotency_ttl_s),
             relay_url, secret, cs.base_url, deadlines=cs.deadlines, encrypt=cs.encrypt,
             token_ttl_s=cs.token_ttl_s, transport=cs.transport, api_key_env=cs.api_key_env,
-            models=cs.models,
+            models=cs.models, accounts=cs.accounts,
         )
         self.pools.append(pool)
         return Cluster(name, cs, backend, pool, plane, relay)

@@ -39,7 +39,7 @@ from streamllm.config import AgentSettings
 from streamllm.errors import RelayError, TokenRejected
 from streamllm.hpc.agent import SILENT_BEATS, epoch_channel, epoch_key, run_agent
 from streamllm.hpc.batch_worker import run_batch_chunk
-from streamllm.hpc.control import ControlPlane, DispatchKind, StartedJob
+from streamllm.hpc.control import ControlPlane, DispatchKind, JobOptions, StartedJob
 from streamllm.hpc.worker import run_completion
 from streamllm.relay.client import RelayLink, dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
@@ -52,6 +52,7 @@ LOST_GRACE_S = 10.0  # after an agent's channel dies, its requests' own channels
 RECONNECT_BACKOFF_S = (0.2, 2.0)  # first and longest pause between dials of a relay that is away
 MANAGE_EVERY_S = 0.5
 OVERFLOW_WINDOW_S = 10.0  # requests that found no room this recently ask for more agents
+AGENT_EXIT_S = 120.0  # a scheduler's limit beyond the agent's walltime, to drain and report
 # The work an agent can take, by the name it knows it by (hpc/agent.py).
 AGENT_WORK: dict[Callable[..., Any], str] = {run_completion: "completion",
                                              run_batch_chunk: "batch_chunk"}
@@ -71,6 +72,7 @@ class Agent:
     phase: str = "queued"  # queued | starting | ready | draining | reconnecting | gone
     link: RelayLink | None = None
     job: concurrent.futures.Future[Any] | None = None
+    job_id: str | None = None  # the scheduler's id of its job, where the plane has one
     ready_at: float | None = None
     last_busy: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -264,7 +266,12 @@ class AgentPool:
         try:
             agent.link = await dial(self.relay_url, channel, "consumer",
                                     mint(self._secret, channel, "consumer", ttl), resume_from=0)
-            agent.job = await asyncio.to_thread(self.plane.submit, run_agent, spec)
+            # The scheduler may hold it a little past its own walltime, to drain and report.
+            options = JobOptions(walltime_s=s.walltime_s + AGENT_EXIT_S,
+                                 comment=f"streamllm agent {channel[6:14]}")
+            started = await asyncio.to_thread(self.plane.start, run_agent, spec,
+                                              options=options)
+            agent.job, agent.job_id = started.future, started.job_id
         except Exception as e:
             log.warning("cluster %s: could not launch an agent: %s", self.cluster, e)
             agent.phase = "gone"
@@ -272,9 +279,31 @@ class AgentPool:
             if agent.link is not None:
                 await agent.link.close()
             raise
+        loop = asyncio.get_running_loop()
+        agent.job.add_done_callback(
+            lambda job: loop.call_soon_threadsafe(self._job_ended, agent, job))
         self._spawn(self._listen(agent))
-        log.info("cluster %s: agent %s… launched", self.cluster, channel[6:14])
+        log.info("cluster %s: agent %s… launched%s", self.cluster, channel[6:14],
+                 f" as job {agent.job_id}" if agent.job_id else "")
         return agent
+
+    def _job_ended(self, agent: Agent, job: concurrent.futures.Future[Any]) -> None:
+        """The agent's job failed (cancelled, out of time, its node lost): the requests it held
+        fail now, naming the job, rather than after a silence. A job that ended well has sent
+        its results on its channel first, and the listener settles those."""
+        error = job.exception()
+        if error is None:
+            return
+        named = f"job {agent.job_id}" if agent.job_id else "job"
+        log.warning("cluster %s: agent %s…'s %s failed: %s", self.cluster, agent.id[6:14],
+                    named, error)
+        # Nothing more may be sent to it (a retry would be lost with it); its listener,
+        # whose link is closed here, forgets it.
+        agent.phase = "gone"
+        self._spawn(self._retire(agent, None))
+        for channel in list(agent.requests):
+            self._settle(agent, channel, error=AgentLost(
+                f"the warm agent serving it stopped: {error}"))
 
     async def _listen(self, agent: Agent) -> None:
         try:
@@ -549,13 +578,18 @@ class AgentFirstPlane:
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         return self.start(fn, *args).future
 
-    def start(self, fn: Callable[..., Any], *args: Any) -> StartedJob:
-        if fn in AGENT_WORK and self.pool.enabled:
+    def start(self, fn: Callable[..., Any], *args: Any,
+              options: JobOptions | None = None) -> StartedJob:
+        # Agents run under the cluster's default account: a caller charged to an account of
+        # their own gets a job of their own, so that the scheduler shows who ran it.
+        own_account = options is not None and options.account is not None
+        if fn in AGENT_WORK and self.pool.enabled and not own_account:
             agent = self.pool.pick()
             if agent is not None:
-                return StartedJob(self.pool.dispatch(agent, args[0], fn), DispatchKind.AGENT)
+                return StartedJob(self.pool.dispatch(agent, args[0], fn), DispatchKind.AGENT,
+                                  agent.job_id)
             self.pool.overflowed()
-        return self.plane.start(fn, *args)
+        return self.plane.start(fn, *args, options=options)
 
     def shutdown(self) -> None:
         self.plane.shutdown()

@@ -48,6 +48,7 @@ class Dispatch:
     """
 
     idempotency_key: str | None = None
+    caller: str | None = None  # whose request (a key's name): a scheduler may be told
     headers: dict[str, str] = field(default_factory=dict)
     # Another tier would take the request if this one cannot start it now (a cold cluster).
     may_fall_back: bool = False

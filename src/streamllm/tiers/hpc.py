@@ -25,7 +25,7 @@ import httpx2
 
 from streamllm.config import HPCDeadlines
 from streamllm.errors import BackendFailed, RelayError
-from streamllm.hpc.control import IdempotentSubmitter
+from streamllm.hpc.control import IdempotentSubmitter, JobOptions
 from streamllm.hpc.worker import Backstop, run_completion
 from streamllm.relay.client import RelayLink, dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
@@ -60,6 +60,7 @@ class HPCRelayBackend:
         transport: Transport = "relay",
         api_key_env: str | None = None,
         models: list[str] | None = None,
+        accounts: dict[str, str] | None = None,
     ):
         if transport == "relay" and (not relay_url or not relay_secret):
             raise ValueError("the relay transport needs a relay URL and secret")
@@ -74,6 +75,7 @@ class HPCRelayBackend:
         self.transport = transport
         self.api_key_env = api_key_env
         self.models = list(models or [])
+        self.accounts = dict(accounts or {})  # caller -> the scheduler account to charge
         self.healed = 0  # streams completed from the backstop after the relay failed
         self.last_heal_reason = ""  # why the last one was, for logs and diagnosis
         self.rejected: dict[str, int] = {}  # frames refused, by error type (tampered, ...)
@@ -110,13 +112,19 @@ class HPCRelayBackend:
             key = f"{dispatch.idempotency_key}:{digest}"
         else:
             key = channel
+        options = JobOptions(caller=dispatch.caller, account=self.accounts.get(
+            dispatch.caller or ""))
         try:
-            sub = self.submitter.submit(key, run_completion, job)
+            sub = self.submitter.submit(key, run_completion, job, options=options)
         except Exception as e:  # the control plane is down or refused the job outright
             raise self._failed(f"control plane {self.submitter.plane.name} refused the job: "
                                f"{type(e).__name__}: {e}") from None
         # A warm agent or a job of its own: the header says which (joined jobs keep theirs).
         dispatch.headers["x-stream-dispatch"] = sub.kind.value
+        if sub.job_id:
+            # The scheduler's id of the job (or of the agent's job): what `squeue`,
+            # `scontrol show job` and the site's accounting call it.
+            dispatch.headers["x-stream-hpc-job"] = sub.job_id
         return sub.future, sub.args[0], sub.started
 
     def new_channel(self) -> dict[str, Any]:
