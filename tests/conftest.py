@@ -281,3 +281,30 @@ def model_server(tmp_path_factory) -> Iterator[realmodel.ModelServer]:
         unavailable(why)
     with realmodel.start_model_server(tmp_path_factory.mktemp("model-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def walled_box() -> Iterator[Any]:
+    """A second Slurm cluster, behind a firewall: its daemons and jobs run in a network
+    namespace of their own that lets nothing in (tests/slurm_box.py WalledSlurmBox,
+    docs/firewall.md). PATH is left alone: a test puts `walled_box.bin` first itself, since
+    `slurm_box` may have put its own there. Everything it started is ended by PID, and the
+    namespace and its veth pair are deleted, at the end."""
+    from tests import slurm_box as box_module
+
+    why = box_module.why_walled_not_available()
+    if why:
+        unavailable(why)
+    with box_module.WalledSlurmBox() as box:
+        yield box
+
+
+@pytest.fixture(scope="session")
+def walled_model_server(walled_box, tmp_path_factory) -> Iterator[realmodel.ModelServer]:
+    """The real model's server inside `walled_box`'s namespace, on its address (a GPU node's
+    vLLM): only the namespace itself, and so the jobs in it, can reach it."""
+    why = realmodel.why_not_available()
+    if why:
+        unavailable(why)
+    with walled_box.start_model_server(tmp_path_factory.mktemp("walled-model-server")) as server:
+        yield server

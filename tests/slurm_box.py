@@ -10,26 +10,46 @@ once (`batch_sched_delay=0`). The node claims more CPUs than the machine has
 The scheduler's commands are reached through wrappers in `bin/`, as a site's users reach a
 login node: put that directory first on PATH (Parsl's SlurmProvider runs `sbatch`, `squeue`,
 `sacct` and `scancel` by name).
+
+`WalledSlurmBox` is the same cluster behind a firewall: its daemons, its jobs and the model
+server it starts run in a network namespace of their own that lets nothing in (docs/firewall.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamllm import realmodel
 from streamllm.realmodel import free_port
 
 COMMANDS = ("sbatch", "squeue", "scancel", "sacct", "sinfo", "scontrol", "srun")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE = "boxnode"
 NODE_CPUS = 64  # what the node claims (jobs compute nothing: they wait on a model server)
+
+
+WRAPPERS_MARK = ".slurm-box-wrappers"  # in a box's bin/: its commands are wrappers
+
+
+def real_command(name: str) -> str | None:
+    """The scheduler's command itself, never another box's wrapper for it: with a box's bin/
+    first on PATH, a second box's wrappers would otherwise run the first box's (and so talk
+    to the first box's slurmctld)."""
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
+            if d and not (Path(d) / WRAPPERS_MARK).exists()]
+    return shutil.which(name, path=os.pathsep.join(dirs))
 
 
 def why_not_available() -> str | None:
@@ -63,6 +83,11 @@ class SlurmBox:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
+    @property
+    def address(self) -> str:
+        """Where slurmctld and slurmd listen (`SlurmctldHost`'s address and `NodeAddr`)."""
+        return "127.0.0.1"
+
     def command(self, *args: str, check: bool = True, timeout: float = 30) -> str:
         """Run one of the scheduler's commands (`squeue`, `scancel` ...) and return its output."""
         done = subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True,
@@ -93,13 +118,15 @@ class SlurmBox:
         self._write_commands()
         logs = self.root / "log"
         try:
-            self._spawn("munged", ["munged", "--foreground", f"--key-file={key_dir / 'munge.key'}",
+            where = self._daemon_prefix()
+            self._spawn("munged", [*where, "munged", "--foreground",
+                                   f"--key-file={key_dir / 'munge.key'}",
                                    f"--socket={socket_path}", f"--pid-file={run_dir / 'pid'}",
                                    f"--seed-file={key_dir / 'seed'}",
                                    f"--log-file={logs / 'munged.log'}"])
             self._wait(lambda: socket_path.exists(), timeout, "munged's socket")
-            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-            self._spawn("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
+            self._spawn("slurmctld", [*where, "slurmctld", "-D", "-f", str(self.conf)])
+            self._spawn("slurmd", [*where, "slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
             self._wait(self._idle, timeout, "the node to be idle")
         except BaseException:
             self.stop()
@@ -135,7 +162,19 @@ class SlurmBox:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- parts --------------------------------------------------------------------------------
+    # -- parts (a WalledSlurmBox changes where they run) ---------------------------------------
+    def _daemon_prefix(self) -> list[str]:
+        """What the daemons' command lines start with (nothing: they run on this machine)."""
+        return []
+
+    def _command_prefix(self) -> str:
+        """What the wrappers put before a scheduler command (nothing: it runs here)."""
+        return ""
+
+    def _ports(self) -> tuple[int, int]:
+        """slurmctld's and slurmd's ports."""
+        return free_port(), free_port()
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "wb")
         self.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
@@ -163,11 +202,12 @@ class SlurmBox:
     def _write_conf(self, munge_socket: Path) -> None:
         host = socket.gethostname()
         r = self.root
+        ctld_port, slurmd_port = self._ports()
         lines = [
             "ClusterName=streambox",
-            f"SlurmctldHost={host}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
+            f"SlurmctldHost={host}({self.address})",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={munge_socket}",
@@ -194,7 +234,7 @@ class SlurmBox:
             "ReturnToService=2",
             # a cancelled job's processes get this long after SIGTERM before SIGKILL
             "KillWait=5",
-            (f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} "
+            (f"NodeName={NODE} NodeHostname={host} NodeAddr={self.address} CPUs={NODE_CPUS} "
              "RealMemory=16000 State=UNKNOWN"),
         ]
         for i, name in enumerate(self.partitions):
@@ -205,10 +245,305 @@ class SlurmBox:
 
     def _write_commands(self) -> None:
         self.bin.mkdir()
+        (self.bin / WRAPPERS_MARK).touch()
         for name in COMMANDS:
-            real = shutil.which(name)
+            real = real_command(name)
             if real is None:
                 continue
             wrapper = self.bin / name
-            wrapper.write_text(f'#!/bin/sh\nSLURM_CONF={self.conf} exec {real} "$@"\n')
+            wrapper.write_text(
+                f'#!/bin/sh\nSLURM_CONF={self.conf} exec {self._command_prefix()}{real} "$@"\n')
             wrapper.chmod(0o755)
+
+
+# -- the cluster behind a firewall --------------------------------------------------------------
+
+# The box's own /30 comes from this range, one of its 16,384 at random; a /30 that meets any
+# address or route of this machine is passed over. 10.213/16 is nobody's default and not this
+# machine's (its own network is 192.0.2.0/24).
+WALLED_RANGE = ipaddress.ip_network("10.213.0.0/16")
+WALLED_PORTS = (6817, 6818)  # Slurm's own defaults: the namespace is the box's alone
+# Inside the namespace: nothing comes in but replies to what went out, and traffic to itself.
+FIREWALL = """\
+table inet filter {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    iif "lo" accept
+    ct state established,related accept
+  }
+  chain output {
+    type filter hook output priority filter; policy accept;
+  }
+}
+"""
+
+# A client run inside the namespace with the interpreter of this virtualenv but only the
+# standard library (it starts in ~0.1 s): `tcp HOST PORT TIMEOUT` connects and closes; `http
+# URL TIMEOUT` GETs, or POSTs its standard input as JSON, and prints the body. Fails (exit 1,
+# the traceback on stderr) when it cannot.
+INSIDE_CLIENT = """\
+import socket, sys, urllib.request
+mode, timeout = sys.argv[1], float(sys.argv[-1])
+if mode == "tcp":
+    socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=timeout).close()
+else:
+    body = sys.stdin.buffer.read() or None
+    request = urllib.request.Request(sys.argv[2], data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        sys.stdout.write(answer.read().decode())
+"""
+
+
+def why_walled_not_available() -> str | None:
+    """None when a walled box can start here, else why not (one line)."""
+    why = why_not_available()
+    if why:
+        return why
+    missing = [t for t in ("ip", "nft", "nsenter") if shutil.which(t) is None]
+    if missing:
+        return (f"{', '.join(missing)} missing: the walled Slurm box needs iproute2, nftables "
+                "and util-linux (`make test` as root installs them)")
+    return None
+
+
+@dataclass
+class WalledSlurmBox(SlurmBox):
+    """A SlurmBox whose daemons, and so every job, run in a network namespace of their own
+    behind an nftables firewall that lets nothing in: a cluster that can only dial out.
+
+    The namespace (`streambox-<n>`) is joined to this machine by a veth pair on a /30 of its
+    own: `host_address` on this side, `address` inside, where slurmctld, slurmd and whatever
+    `popen_inside` starts (the GPU node's model server) listen. The wrappers in `bin/` run the
+    scheduler's commands with `ip netns exec` (what SSH to a login node is at a site). stop()
+    ends every process it started and any left in the namespace (a job's stray child) by PID,
+    then deletes the veth pair and the namespace, also after a start that failed halfway.
+    """
+
+    netns: str | None = None
+    network: ipaddress.IPv4Network | None = None
+    veth: str | None = None  # this side's end; the other end is inside the namespace
+    inside: list[subprocess.Popen] = field(default_factory=list)
+    network_in_s: float = 0.0  # of started_in_s, how long the namespace and firewall took
+
+    @property
+    def address(self) -> str:
+        """The namespace's address: its daemons and servers listen here."""
+        assert self.network is not None, "the box is not started"
+        return str(self.network[2])
+
+    @property
+    def host_address(self) -> str:
+        """This machine's end of the veth pair: what jobs inside dial out to."""
+        assert self.network is not None, "the box is not started"
+        return str(self.network[1])
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(zip(("slurmctld", "slurmd"), WALLED_PORTS, strict=True))
+
+    # -- inside the namespace -----------------------------------------------------------------
+    def inside_argv(self, argv: list[str]) -> list[str]:
+        """argv run inside the namespace, as a login node's shell would run it."""
+        assert self.netns is not None, "the box is not started"
+        return [shutil.which("ip") or "ip", "netns", "exec", self.netns, *argv]
+
+    def popen_inside(self, argv: list[str], log_path: Path | None = None,
+                     **kwargs: object) -> subprocess.Popen:
+        """Start a process inside the namespace (its output to `log_path`, if given); stop()
+        ends it by PID if it still runs. `ip netns exec` execs the command, so the PID is the
+        process's own."""
+        if log_path is not None:
+            with open(log_path, "wb") as out:
+                process = subprocess.Popen(self.inside_argv(argv), stdout=out,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           **kwargs)  # type: ignore[call-overload]
+        else:
+            process = subprocess.Popen(self.inside_argv(argv), start_new_session=True,
+                                       **kwargs)  # type: ignore[call-overload]
+        self.inside.append(process)
+        return process
+
+    def run_inside(self, argv: list[str], timeout: float = 30,
+                   input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.inside_argv(argv), capture_output=True, text=True,
+                              input=input, timeout=timeout, check=False)
+
+    def connects_inside(self, port: int, host: str | None = None, timeout: float = 2) -> bool:
+        """Whether a TCP connection from inside the namespace to host:port (default: the
+        namespace's own address) is accepted."""
+        done = self.run_inside([sys.executable, "-c", INSIDE_CLIENT, "tcp", host or self.address,
+                                str(port), str(timeout)], timeout=timeout + 30)
+        return done.returncode == 0
+
+    def http_inside(self, url: str, body: str | None = None, timeout: float = 60) -> str:
+        """GET url (or POST body as JSON) from inside the namespace; the response's body."""
+        done = self.run_inside([sys.executable, "-c", INSIDE_CLIENT, "http", url, str(timeout)],
+                               input=body or "", timeout=timeout + 30)
+        if done.returncode != 0:
+            raise RuntimeError(f"{url} from inside {self.netns}: {done.stderr.strip()[-500:]}")
+        return done.stdout
+
+    def ruleset(self) -> str:
+        """The namespace's nftables ruleset, as `nft list ruleset` prints it."""
+        done = self.run_inside(["nft", "list", "ruleset"])
+        if done.returncode != 0:
+            raise RuntimeError(f"nft list ruleset: {done.stderr}")
+        return done.stdout
+
+    def start_model_server(self, log_dir: Path, port: int = 8000,
+                           timeout: float = 120) -> realmodel.ModelServer:
+        """The real model's server inside the namespace on `address`:port (vLLM's port on a
+        GPU node). Ready when it answers /v1/models, asked from inside: this side cannot."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"model-server-inside-{port}.log"
+        # Like realmodel.start_model_server's: it ends with its parent, even one killed (the
+        # signal survives `ip netns exec`'s exec, which is not setuid).
+        process = self.popen_inside(realmodel.server_command(self.address, port), log_path,
+                                    preexec_fn=realmodel._end_with_parent)
+        server = realmodel.ModelServer(process, self.address, port, log_path)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the model server exited ({process.returncode}): "
+                                       f"{log_path.read_text(errors='replace')[-2000:]}")
+                try:
+                    self.http_inside(f"{server.url}/models", timeout=5)
+                    return server
+                except RuntimeError:
+                    pass  # not listening yet (refused at once), or not serving yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the model server did not answer within {timeout:.0f} s")
+                time.sleep(0.1)
+        except BaseException:
+            server.stop()
+            raise
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 30) -> WalledSlurmBox:
+        began = time.monotonic()
+        try:
+            self._make_network()
+            self.network_in_s = time.monotonic() - began
+            super().start(timeout)  # (which calls stop() itself if a daemon fails)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in_s = time.monotonic() - began
+        return self
+
+    def stop(self) -> None:
+        for process in reversed(self.inside):
+            _end(process)
+        self.inside.clear()
+        super().stop()
+        if self.netns is not None:
+            self._end_stragglers()
+        if self.veth is not None:
+            # Deleting one end deletes both.
+            subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
+            self.veth = None
+        if self.netns is not None:
+            done = subprocess.run(["ip", "netns", "del", self.netns], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode != 0 and "No such file" not in done.stderr:
+                raise RuntimeError(f"ip netns del {self.netns}: {done.stderr}")
+            self.netns = None
+
+    # -- parts --------------------------------------------------------------------------------
+    def _daemon_prefix(self) -> list[str]:
+        # nsenter changes the network namespace alone; `ip netns exec` would also remount /sys
+        # without the cgroup mounts, and slurmd then fails to start.
+        assert self.netns is not None
+        return ["nsenter", f"--net=/run/netns/{self.netns}"]
+
+    def _command_prefix(self) -> str:
+        assert self.netns is not None
+        return f"{shutil.which('ip')} netns exec {self.netns} "
+
+    def _ports(self) -> tuple[int, int]:
+        return WALLED_PORTS
+
+    def _make_network(self) -> None:
+        for _ in range(64):
+            index = secrets.randbelow(WALLED_RANGE.num_addresses // 4)
+            network = ipaddress.ip_network(
+                (int(WALLED_RANGE.network_address) + 4 * index, 30))
+            if _in_use(network):
+                continue
+            # `ip netns add` fails when the name exists: that is what makes a /30 this box's
+            # alone among boxes started at the same time (the name carries the /30's number).
+            name = f"streambox-{index}"
+            done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                if "exists" in done.stderr:
+                    continue
+                raise RuntimeError(f"ip netns add {name}: {done.stderr.strip()}")
+            self.netns, self.network = name, network
+            break
+        else:
+            raise RuntimeError(f"no free /30 in {WALLED_RANGE} after 64 draws")
+        self.veth, peer = f"sbx{index}h", f"sbx{index}n"
+        prefix = network.prefixlen
+        _ip("link", "add", self.veth, "type", "veth", "peer", "name", peer, "netns", name)
+        _ip("addr", "add", f"{self.host_address}/{prefix}", "dev", self.veth)
+        _ip("link", "set", self.veth, "up")
+        _ip("-n", name, "addr", "add", f"{self.address}/{prefix}", "dev", peer)
+        _ip("-n", name, "link", "set", peer, "up")
+        _ip("-n", name, "link", "set", "lo", "up")
+        done = self.run_inside(["nft", "-f", "-"], input=FIREWALL)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft -f (the firewall): {done.stderr.strip()}")
+
+    def _end_stragglers(self) -> None:
+        """End, by PID, any process still in the namespace: a job's child that Slurm's
+        proctrack/linuxproc lost track of. The namespace is the box's own, so every process
+        in it was started by the box."""
+        def pids() -> list[int]:
+            done = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
+                                  text=True, check=False)
+            return [int(p) for p in done.stdout.split()]
+
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            left = pids()
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _in_use(network: ipaddress.IPv4Network) -> bool:
+    """Whether any address or route of this machine meets `network` (the default route aside)."""
+    for what in (["-4", "addr", "show"], ["-4", "route", "show", "table", "all"]):
+        done = subprocess.run(["ip", "-j", *what], capture_output=True, text=True, check=True)
+        for entry in json.loads(done.stdout or "[]"):
+            found = [f"{a['local']}/{a['prefixlen']}" for a in entry.get("addr_info", [])]
+            if entry.get("dst") not in (None, "default"):
+                found.append(entry["dst"])
+            if any(ipaddress.ip_network(f, strict=False).overlaps(network) for f in found):
+                return True
+    return False
+
+
+def _end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
