@@ -278,3 +278,41 @@ def test_inside_the_namespace_the_same_ports_answer(walled_box, walled_model_ser
         assert walled_box.connects_inside(port), f"{name} ({port}) not reachable inside"
     models = json.loads(walled_box.http_inside(f"{walled_model_server.url}/models"))
     assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+
+
+def test_sbatch_per_request_through_the_login_node_streams_through_the_wall(
+        walled_box, walled_model_server, walled_relay, tmp_path):
+    """`control_plane: slurm`: no interchange at all. The gateway runs the scheduler's commands
+    on the login node (the wrappers), each request is a Slurm job inside the wall, and the job
+    only dials out, to the relay."""
+    cluster = {
+        "control_plane": "slurm",
+        "relay_url": walled_relay.url,
+        "relay_secret_file": str(walled_relay.secret_file),
+        "base_url": walled_model_server.url,
+        "models": [MODEL_NAME],
+        "slurm": {"partition": "gpu2", "poll_s": 0.5, "work_dir": str(tmp_path / "jobs")},
+    }
+    settings = Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(tmp_path)},
+        "tiers": {"hpc": {"kind": "hpc", "clusters": {"walled": cluster}},
+                  "local": {"enabled": False}, "cloud": {"enabled": False}},
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{walled_box.bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        mp.setenv("SSL_CERT_FILE", str(walled_relay.ca_file))
+        app = create_app(settings)
+        server = ServerThread(app).start(timeout=120)
+        try:
+            hpc_ready(app, timeout=120)
+            question = "Name a large desert."
+            expected = direct_answer_inside(walled_box, walled_model_server, question)
+            text, _, headers, _ = streamed(server.url, question)
+            assert text == expected
+            assert headers["x-stream-dispatch"] == "job"
+            assert headers["x-stream-transport"] == "relay"
+            job = walled_box.command("squeue", "-h", "--states=all",
+                                     f"--jobs={headers['x-stream-hpc-job']}", "-o", "%j|%P")
+            assert job.strip() == "stream-completion|gpu2"
+        finally:
+            server.stop()
