@@ -4,7 +4,10 @@ Without a tokenizer, a model's count is estimated as characters times a rate plu
 per message. The rate starts cautious (four characters per token) and is calibrated online from
 the `prompt_tokens` the backend reports for what was actually sent, so it converges on each
 model's own tokenizer. With a local `tokenizer.json` (and the `tokenizers` package) the count
-is exact but for the chat template's few tokens per message. Nothing is ever downloaded.
+is exact but for the chat template's few tokens per message. With a local GGUF model file (and
+llama-cpp-python) the vocabulary alone is loaded, and the tokens its own chat template adds
+around the messages are measured from that template once, at load: the count is then what a
+llama.cpp server reports for the same messages (see `ChatOverhead`). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamllm.errors import ConfigError
@@ -65,12 +68,41 @@ class Calibration:
     samples: int = 0
 
 
+@dataclass(frozen=True)
+class ChatOverhead:
+    """The tokens a model's chat template adds around the messages' text, for exact counts.
+
+    The defaults are the usual few; a tokenizer that knows its model's template (a GGUF file
+    carries it) says exactly, in its `chat_overhead` attribute. SmolLM2's ChatML template, for
+    one, adds 5 tokens around a user or system message, 6 around an assistant's ("assistant" is
+    two tokens), 4 for the answer's opening, and a 21-token default system prompt when the
+    first message is not a system message. With the defaults, 32 messages (1,819 tokens by the
+    server) were counted 49 short, more than the exact count's 2 % margin: the prompt and the
+    answer's reserve could overflow the window.
+
+    Measured once rather than learned from `prompt_tokens`: the first request must already
+    fit, and a report also counts what the messages do not hold (tools, detailed images), which
+    would inflate a learned overhead for good.
+    """
+
+    per_message: int = PER_MESSAGE_TOKENS  # for a role not in by_role
+    priming: int = PRIMING_TOKENS  # the assistant turn's opening the template adds
+    by_role: Mapping[str, int] = field(default_factory=dict)
+    without_system: int = 0  # a default system prompt added when messages[0] is no system one
+
+    def message(self, role: Any) -> int:
+        return self.by_role.get(role, self.per_message) if isinstance(role, str) else \
+            self.per_message
+
+
 class TokenCounter:
     """One model's token counts: exact with a tokenizer, else calibrated estimates."""
 
     def __init__(self, calibration: Calibration | None = None, tokenizer: Any = None):
         self.calibration = calibration or Calibration()
         self.tokenizer = tokenizer  # anything with encode(text) -> object with .ids
+        # Exact counts only: the template's tokens around the text, if the tokenizer knows them.
+        self.overhead = getattr(tokenizer, "chat_overhead", None) or ChatOverhead()
 
     @property
     def exact(self) -> bool:
@@ -91,13 +123,25 @@ class TokenCounter:
         return math.ceil(len(text) * self.calibration.tokens_per_char)
 
     def count(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        if self.exact:
+            return self._count_exact(messages)
         total = float(PRIMING_TOKENS)
-        per_message = (PER_MESSAGE_TOKENS if self.exact
-                       else self.calibration.tokens_per_message)
         for message in messages:
             text, images = message_text(message)
-            total += per_message + self.count_text(text) + images * PER_IMAGE_TOKENS
+            total += (self.calibration.tokens_per_message + self.count_text(text)
+                      + images * PER_IMAGE_TOKENS)
         return math.ceil(total)
+
+    def _count_exact(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        o = self.overhead
+        total = o.priming
+        if messages and messages[0].get("role") != "system":
+            total += o.without_system
+        for message in messages:
+            text, images = message_text(message)
+            total += (o.message(message.get("role")) + self.count_text(text)
+                      + images * PER_IMAGE_TOKENS)
+        return total
 
     def observe(self, messages: Sequence[Mapping[str, Any]], prompt_tokens: int) -> bool:
         """Learn from a backend's `prompt_tokens` for exactly these messages. Returns whether
@@ -122,7 +166,10 @@ class TokenCounter:
 
 
 def load_tokenizer(path: str, where: str) -> Any:
-    """A HuggingFace tokenizer from a local `tokenizer.json`; never downloads."""
+    """A HuggingFace tokenizer from a local `tokenizer.json`, or a GGUF model's vocabulary from
+    a local `.gguf` file; never downloads."""
+    if path.lower().endswith(".gguf"):
+        return GGUFTokenizer.load(path, where)
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -130,5 +177,110 @@ def load_tokenizer(path: str, where: str) -> Any:
                           "(pip install 'streamllm[tokenizers]')") from None
     try:
         return Tokenizer.from_file(os.path.expanduser(path))
-    except Exception as e:  # the library raises its own exception types for bad files
+    except Exception as e:  # noqa: BLE001 - the library raises its own types for bad files
         raise ConfigError(f"{where}: cannot load {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    ids: list[int]
+
+
+class GGUFTokenizer:
+    """A GGUF model's tokenizer through llama-cpp-python, its vocabulary only (no weights), with
+    the interface TokenCounter uses: `encode(text, add_special_tokens=False).ids`."""
+
+    PROBE = "Hello."  # a message text for measuring the chat template
+    CACHE_ENTRIES = 4096  # texts whose tokens are kept, at most CACHE_CHARS characters each
+    CACHE_CHARS = 8192
+
+    def __init__(self, llama: Any):
+        self.llama = llama
+        self._cache: dict[str, Encoding] = {}  # in use order, oldest first
+        self.chat_overhead: ChatOverhead | None = None
+        self.chat_overhead = self._measure_template()
+
+    @classmethod
+    def load(cls, path: str, where: str) -> GGUFTokenizer:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ConfigError(f"{where}: exact token counts from a GGUF file need "
+                              "llama-cpp-python (pip install 'streamllm[real]')") from None
+        full = os.path.expanduser(path)
+        if not os.path.isfile(full):
+            raise ConfigError(f"{where}: cannot load {path}: no such file")
+        try:
+            return cls(llama_cpp.Llama(model_path=full, vocab_only=True, verbose=False))
+        except Exception as e:  # noqa: BLE001 - ValueError mostly, others for odd files
+            raise ConfigError(f"{where}: cannot load {path}: {e}") from None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
+        # Fitting counts the same messages again for every boundary it weighs, and a client
+        # sends its whole history every turn: 0.6 s for one plan of 120 messages uncached.
+        if len(text) <= self.CACHE_CHARS and not add_special_tokens:
+            found = self._cache.pop(text, None)
+            if found is None:
+                found = self._encode(text, False)
+                if len(self._cache) >= self.CACHE_ENTRIES:
+                    del self._cache[next(iter(self._cache))]  # the least recently used
+            self._cache[text] = found
+            return found
+        return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_bos: bool) -> Encoding:
+        # Text as text: "<|im_end|>" written in a message is not the special token here. The
+        # server parses the rendered prompt for special tokens, so it counts such text as
+        # fewer tokens, never more.
+        return Encoding(self.llama.tokenize(text.encode("utf-8", "replace"), add_bos=add_bos,
+                                            special=False))
+
+    def _measure_template(self) -> ChatOverhead | None:
+        """The template's tokens around the text, from the GGUF's `tokenizer.chat_template`
+        rendered the way llama-cpp-python's server renders it (Jinja2ChatFormatter, then the
+        prompt tokenized with special tokens and no extra BOS). None: no usable template, and
+        the counter keeps the usual defaults."""
+        template = (self.llama.metadata or {}).get("tokenizer.chat_template")
+        if not template:
+            return None
+        try:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def text_of(token: int) -> str:
+                if token < 0:
+                    return ""
+                return self.llama.detokenize([token], special=True).decode("utf-8", "replace")
+
+            render = Jinja2ChatFormatter(template, eos_token=text_of(self.llama.token_eos()),
+                                         bos_token=text_of(self.llama.token_bos()))
+
+            def tokens(*roles: str) -> int:
+                prompt = render(messages=[{"role": r, "content": self.PROBE} for r in roles])
+                return len(self.llama.tokenize(prompt.prompt.encode("utf-8"), add_bos=False,
+                                               special=True))
+
+            k = len(self.encode(self.PROBE).ids)
+            by_role = {"user": tokens("system", "user") - tokens("system") - k,
+                       "assistant": (tokens("system", "user", "assistant")
+                                     - tokens("system", "user") - k)}
+            try:  # a later system message (the summary is one); some templates refuse it
+                by_role["system"] = (tokens("system", "user", "assistant", "system")
+                                     - tokens("system", "user", "assistant") - k)
+            except Exception:  # noqa: BLE001 - whatever the template raises
+                by_role["system"] = max(by_role.values())
+            priming = max(tokens("system") - k - by_role["system"], 0)
+            without_system = max(tokens("user") - k - by_role["user"] - priming, 0)
+            # Whatever the template does by position that the measures above miss goes into
+            # the priming, so that these conversations at least are never undercounted.
+            self.chat_overhead = ChatOverhead(max(by_role.values()), priming, by_role,
+                                              without_system)
+            counter = TokenCounter(tokenizer=self)
+            short = max(tokens(*roles) - counter.count([{"role": r, "content": self.PROBE}
+                                                        for r in roles])
+                        for roles in (("user", "assistant", "user"),
+                                      ("system", "user", "assistant", "user")))
+            return ChatOverhead(max(by_role.values()), priming + max(short, 0), by_role,
+                                without_system)
+        except Exception:  # noqa: BLE001 - a template not renderable here: the defaults
+            return None
+
