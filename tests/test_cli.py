@@ -10,7 +10,9 @@ from pathlib import Path
 
 import httpx2 as httpx
 import openai
+import pytest
 
+from streamllm.realmodel import MODEL_NAME
 from tests.conftest import closed_port
 
 STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
@@ -147,3 +149,36 @@ def test_relay_command_serves_and_requires_a_secret():
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
     finally:
         srv.stop()
+
+
+@pytest.mark.real_model
+@pytest.mark.timeout(300)
+def test_serve_real_model_answers_with_the_real_model_and_counts_its_tokens_exactly(
+        model_server):
+    """`streamllm serve --real-model` (what `make run-real` starts): the local tier is the real
+    model behind its own server, started and stopped with the gateway."""
+    port = closed_port()
+    env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=f"http://127.0.0.1:{closed_port()}/v1")
+    srv = Running(["serve", "--port", str(port), "--real-model"], env, "Uvicorn running on")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, timeout=120)
+        models = {m.id: m for m in client.models.list()}
+        assert models["local"].owned_by != "simulator"
+        body = {"messages": [{"role": "user", "content": "Name two kinds of trees."}],
+                "temperature": 0, "seed": 7, "max_tokens": 24}
+        raw = client.chat.completions.with_raw_response.create(model="local", **body)
+        answer = raw.parse()
+        direct = openai.OpenAI(base_url=model_server.url, api_key="x", max_retries=0)
+        expected = direct.chat.completions.create(model=MODEL_NAME, **body)
+        assert answer.choices[0].message.content == expected.choices[0].message.content
+        assert raw.headers["x-stream-tier"] == "local"
+        # Counted with the GGUF's own vocabulary: never under what the server counted.
+        counted = int(raw.headers["x-stream-context-tokens-before"])
+        assert answer.usage.prompt_tokens <= counted <= answer.usage.prompt_tokens + 1
+        served_at = next(line for line in srv.log if "local tier: " in line)
+    finally:
+        srv.stop()
+    url = served_at.rsplit(" at ", 1)[1].split()[0]
+    with pytest.raises(httpx.HTTPError):  # the model server ended with the gateway
+        httpx.get(f"{url}/models", timeout=2)

@@ -148,8 +148,10 @@ def _with_real_model(settings: Settings) -> tuple[ModelServer, Settings]:
     logging.getLogger("streamllm").info(
         "local tier: %s on llama-cpp-python's server at %s (log: %s)", realmodel.MODEL_NAME,
         model_server.url, model_server.log_path)
+    # The model's own vocabulary counts its tokens exactly (the GGUF carries it).
     local = TierSettings(kind="llamacpp", base_url=model_server.url,
-                         models=[realmodel.MODEL_NAME], context_window=realmodel.CONTEXT_WINDOW)
+                         models=[realmodel.MODEL_NAME], context_window=realmodel.CONTEXT_WINDOW,
+                         tokenizer=str(realmodel.model_path()))
     tiers = {**settings.tiers, "local": local}
     return model_server, settings.model_copy(update={"tiers": tiers})
 
