@@ -23,7 +23,7 @@ def run(payload: bytes) -> dict[str, Any]:
     fn = getattr(importlib.import_module(call["module"]), call["name"])
     try:
         return {"ok": True, "value": fn(*call["args"])}
-    except Exception as e:  # the job's outcome is reported, whatever the work raised
+    except Exception as e:  # noqa: BLE001 - the outcome is reported, whatever the work raised
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
