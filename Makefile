@@ -53,7 +53,7 @@ run-real: $(REAL_STAMP)
 test: $(REAL_STAMP) browser cluster
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The cluster in a box (tests/cluster/): Debian's Slurm and munge, and nftables for its
+# The cluster in a box (tests/slurm_box.py): Debian's Slurm and munge, nftables for its
 # firewall. As root with apt-get they are installed here; elsewhere those tests skip and say why.
 CLUSTER_PACKAGES := slurmctld slurmd slurm-client munge nftables iproute2
 cluster:
