@@ -370,6 +370,34 @@ def test_a_conversation_list_fetched_before_a_rename_or_delete_does_not_undo_it(
     page.close()
 
 
+def test_a_message_sent_while_its_conversation_loads_goes_into_it_and_stays_shown(
+        browser, start_sim, start_gateway):
+    """Found in the full suite under load: a message sent before the conversation in the
+    address had loaded started a new conversation, and the late load then replaced it on the
+    screen with the (empty) one that was asked for."""
+    _, gw = gateway_with_three_tiers(start_sim, start_gateway, {}, embedded_cloud=True)
+    api = httpx.Client(base_url=gw.url, timeout=10)
+    first = api.post("/ui/api/conversations", json={"title": "First"}).json()["id"]
+    page = browser.new_page(viewport=DESKTOP)
+    held: list[tuple[object, object]] = []
+    page.route(re.compile(rf"/ui/api/conversations/{first}$"),
+               lambda route: held.append((route, route.fetch())))
+    with page.expect_request(lambda r: r.url.endswith(f"/ui/api/conversations/{first}")):
+        page.goto(gw.url + f"/#chat/{first}")
+    page.select_option("#setting-tier", "local")
+    send(page, EASY)
+    route, response = held.pop()
+    route.fulfill(response=response)
+    settled(last_answer(page))
+    expect(page.locator("#messages .msg.user")).to_have_text([EASY])
+    expect(page).to_have_url(re.compile(rf"#chat/{first}$"))
+    stored = api.get(f"/ui/api/conversations/{first}").json()["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == [EASY]
+    assert len(api.get("/ui/api/conversations").json()["data"]) == 1  # no new one
+    api.close()
+    page.close()
+
+
 def test_what_was_asked_for_last_stays_shown_when_an_earlier_answer_arrives_late(
         browser, start_sim, start_gateway):
     """Opening A then B quickly: if A's messages arrive after B's, B is what stays shown, also

@@ -23,6 +23,7 @@ const state = {
   messages: [], // of the open conversation: {role, content, meta, failed?}
   stream: null, // the answer being written: {controller, convId, article}
   sending: false,
+  opening: null, // the load of the conversation being opened, while it runs
   healthTimer: null,
   view: "chat",
   started: false,
@@ -520,8 +521,11 @@ async function openConversation(id) {
     loads.messages.outdate(); // already open: any slower open of another one is not shown
     return;
   }
-  const { latest, value: conversation, error: err } = await loads.messages.load(
+  const opening = loads.messages.load(
     () => api(`/ui/api/conversations/${encodeURIComponent(id)}`));
+  state.opening = opening; // a message sent meanwhile waits for it: it belongs in this one
+  const { latest, value: conversation, error: err } = await opening;
+  if (state.opening === opening) state.opening = null;
   if (!latest) return; // another conversation, or a new chat, came after
   if (err) {
     state.currentId = null;
@@ -711,12 +715,15 @@ const titleFrom = (text) => {
 async function send(text) {
   if (state.stream || state.sending) return;
   state.sending = true;
-  $("welcome").hidden = true;
-  const userMessage = { role: "user", content: text, created: Math.floor(Date.now() / 1000) };
-  const userNode = messageNode(userMessage);
-  $("messages").append(userNode);
-  scrollToEnd(true);
   try {
+    // Sent while the conversation in the address is still loading: it goes there, after its
+    // history (else it would start a new conversation, which the load then hid).
+    while (state.opening) await state.opening;
+    $("welcome").hidden = true;
+    const userMessage = { role: "user", content: text, created: Math.floor(Date.now() / 1000) };
+    const userNode = messageNode(userMessage);
+    $("messages").append(userNode);
+    scrollToEnd(true);
     if (!state.currentId) {
       let created;
       try {
