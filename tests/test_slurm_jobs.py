@@ -6,6 +6,7 @@ model's tokens through a separate relay, read with the official `openai` SDK.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from streamllm.realmodel import MODEL_NAME
-from tests.conftest import hpc_ready, until
+from tests.conftest import STREAMLLM, hpc_ready, until
 from tests.test_slurm import MODEL, Relay, body, direct_answer, relay, start_gateway, streamed
 
 __all__ = ["relay"]  # the module-scoped relay fixture, shared with tests/test_slurm.py
@@ -25,7 +26,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.real_model, pytest.mark.timeout(300
 ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"
 KEYS = [{"key": ALICE, "name": "alice"}, {"key": BOB, "name": "bob"},
         {"key": CAROL, "name": "carol"}]
-ACCOUNTS = {"alice": "chem-123", "bob": "phys-7"}  # carol is not mapped: the default account
+# carol is not mapped: the default account. dana's key is made with `streamllm keys create`.
+ACCOUNTS = {"alice": "chem-123", "bob": "phys-7", "dana": "astro-9"}
 DEFAULT_ACCOUNT = "stream-svc"
 
 
@@ -59,14 +61,14 @@ def campus(slurm_box, model_server, relay, tmp_path_factory) -> Iterator[tuple[A
     app, server = start_gateway(tmp, {"campus": cluster}, server={"api_keys": KEYS})
     try:
         hpc_ready(app, timeout=120)
-        yield app, server.url
+        yield app, server.url, tmp
     finally:
         server.stop()
 
 
 def test_each_request_is_a_slurm_job_of_its_own_with_the_real_models_answer(
         campus, model_server, slurm_box):
-    _, url = campus
+    _, url, _ = campus
     question = "Name a large ocean."
     text, finish, headers = streamed(url, question, key=CAROL)
     assert text == direct_answer(model_server, question)
@@ -79,18 +81,26 @@ def test_each_request_is_a_slurm_job_of_its_own_with_the_real_models_answer(
     assert job["JobState"] in ("RUNNING", "COMPLETING", "COMPLETED")
 
 
-def test_two_keys_run_under_two_accounts_and_an_unmapped_key_under_the_default(
+def test_keys_run_under_their_accounts_and_an_unmapped_key_under_the_default(
         campus, slurm_box):
-    _, url = campus
+    _, url, data_dir = campus
+    # A key made the way an operator makes one, in the gateway's own store.
+    config = data_dir / "keys.yaml"
+    config.write_text(f"server:\n  data_dir: {data_dir}\n")
+    made = subprocess.run([STREAMLLM, "keys", "create", "--name", "dana", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    dana = made.stdout.strip()
     seen = {}
-    for key, name in ((ALICE, "alice"), (BOB, "bob"), (CAROL, "carol")):
+    for key, name in ((ALICE, "alice"), (BOB, "bob"), (CAROL, "carol"), (dana, "dana")):
         text, _, headers = streamed(url, "Say one word.", max_tokens=8, key=key)
         assert text
         assert headers["x-stream-dispatch"] == "job"
         job = job_fields(slurm_box, headers["x-stream-hpc-job"])
         seen[name] = job["Account"]
         assert job["Comment"] == f"streamllm caller={name}", job
-    assert seen == {"alice": "chem-123", "bob": "phys-7", "carol": DEFAULT_ACCOUNT}
+    assert seen == {"alice": "chem-123", "bob": "phys-7", "carol": DEFAULT_ACCOUNT,
+                    "dana": "astro-9"}
 
 
 def test_warm_agents_are_slurm_jobs_and_scancel_mid_stream_names_the_job(
@@ -98,7 +108,8 @@ def test_warm_agents_are_slurm_jobs_and_scancel_mid_stream_names_the_job(
     agents = {"min_warm": 1, "max": 1, "walltime_s": 1200, "replace_before_s": 60,
               "heartbeat_s": 1}
     app, server = start_gateway(tmp_path, {"campus": sbatch_cluster(
-        relay, model_server.url, "gpu2", tmp_path / "slurm", agents=agents)})
+        relay, model_server.url, "gpu2", tmp_path / "slurm", agents=agents,
+        accounts={"alice": "chem-123"})}, server={"api_keys": KEYS})
     try:
         pool = app.state.runtime.backends["hpc"].clusters[0].pool
         until(lambda: len(pool.ready()) == 1, 120, "the agent to be ready")
@@ -108,7 +119,7 @@ def test_warm_agents_are_slurm_jobs_and_scancel_mid_stream_names_the_job(
         assert agent_job["Partition"] == "gpu2" and agent_job["Account"] == DEFAULT_ACCOUNT
         assert agent_job["Comment"].startswith("streamllm agent ")
 
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=CAROL, max_retries=0,
                                timeout=120)
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, stream=True, **{**body("Write a long story about a lighthouse."),
@@ -131,9 +142,14 @@ def test_warm_agents_are_slurm_jobs_and_scancel_mid_stream_names_the_job(
         until(lambda: pool.ready() and pool.ready()[0].job_id != first.job_id, 120,
               "a new agent")
         question = "What is the capital of Italy?"
-        answer, _, headers = streamed(server.url, question)
+        answer, _, headers = streamed(server.url, question, key=CAROL)
         assert headers["x-stream-dispatch"] == "agent"
         assert headers["x-stream-hpc-job"] == pool.ready()[0].job_id != first.job_id
+        assert answer == direct_answer(model_server, question)
+        # A caller charged to an account of their own never rides the service's agent.
+        answer, _, headers = streamed(server.url, question, key=ALICE)
+        assert headers["x-stream-dispatch"] == "job"
+        assert job_fields(slurm_box, headers["x-stream-hpc-job"])["Account"] == "chem-123"
         assert answer == direct_answer(model_server, question)
     finally:
         server.stop()

@@ -16,11 +16,14 @@ import pytest
 from streamllm.config import HPCSettings, SlurmSettings
 from streamllm.hpc.control import JobOptions
 from streamllm.hpc.slurm import (
+    SchedulerError,
     SlurmControlPlane,
     SlurmJobEnded,
+    SlurmJobFailed,
     SlurmJobState,
     batch_script,
     comment_for,
+    encode_call,
     job_name,
     parse_job_id,
     parse_squeue,
@@ -69,7 +72,8 @@ def test_a_comment_keeps_only_printable_text_and_is_bounded():
 def test_the_job_id_comes_from_sbatch_parsable_output():
     assert parse_job_id("42\n") == "42"
     assert parse_job_id("42;campus\n") == "42"
-    with pytest.raises(Exception, match="no job id"):
+    assert parse_job_id("Welcome to login1.\nQuota: 3 of 10 TB\n42\n") == "42"
+    with pytest.raises(SchedulerError, match="no job id"):
         parse_job_id("sbatch: error: Batch job submission failed\n")
 
 
@@ -80,12 +84,24 @@ def test_squeue_states_are_parsed_and_unknown_ones_count_as_going():
     assert states["8"].ended and not states["7"].ended and not states["9"].ended
 
 
-def test_the_batch_script_carries_the_call_and_nothing_runs_it_through_a_shell_twice():
-    script = batch_script("/opt/py env/bin/python", "/w d", ping, ())
-    assert script.startswith("#!/bin/sh\n")
-    assert "exec '/opt/py env/bin/python' -m streamllm.hpc.job_entry <<'STREAMLLM_CALL'" in script
-    assert "export STREAMLLM_RESULTS_DIR='/w d'" in script
-    assert script.rstrip().endswith("STREAMLLM_CALL")
+def test_the_call_survives_its_trip_and_the_script_holds_no_part_of_it():
+    from streamllm.hpc import job_entry
+
+    encoded = encode_call(os.path.join, ("/scratch", "the secret prompt"))
+    assert job_entry.run(encoded) == {"ok": True, "value": "/scratch/the secret prompt"}
+    script = batch_script("/opt/py env/bin/python", "/w d/x.call", "/w d/x.result.json",
+                          setup="source /opt/env/bin/activate")
+    assert script.startswith("#!/bin/sh\nsource /opt/env/bin/activate\n")
+    assert "export STREAMLLM_CALL_FILE='/w d/x.call'" in script
+    assert "exec '/opt/py env/bin/python' -m streamllm.hpc.job_entry" in script
+    assert encoded.strip() not in script
+
+
+def test_sbatch_gets_only_the_environment_it_is_told_to_pass_and_no_requeue():
+    argv = sbatch_argv(SlurmSettings(), "stream-ping", JobOptions(), "/w")
+    assert "--export=SSL_CERT_FILE,SSL_CERT_DIR" in argv and "--no-requeue" in argv
+    assert "--export=NONE" in sbatch_argv(SlurmSettings(export=[]), "stream-ping",
+                                          JobOptions(), "/w")
 
 
 def test_accounts_need_a_plane_that_submits_each_request_itself():
@@ -126,15 +142,16 @@ def test_a_call_runs_as_a_slurm_job_and_its_result_comes_back(plane, slurm_box):
     info = job_info(slurm_box, started.job_id)
     assert "JobName=stream-ping" in info and "Account=chem-123" in info
     assert "Comment=streamllm caller=alice" in info and "JobState=COMPLETED" in info
-    # Its files are gone once the result is in.
-    assert not list(Path(plane.work_dir).glob(f"{started.job_id}.*"))
+    # Its files are gone once the result is in; the directory is its user's alone.
+    assert not list(Path(plane.work_dir).iterdir())
+    assert Path(plane.work_dir).stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.slurm
 def test_a_call_that_raises_fails_its_future_with_the_error(plane):
     # (a function the node can import: this test module is not installed there)
     future = plane.submit(os.stat, "/nonexistent/the-data")
-    with pytest.raises(RuntimeError, match="FileNotFoundError: .* '/nonexistent/the-data'"):
+    with pytest.raises(SlurmJobFailed, match="FileNotFoundError: .* '/nonexistent/the-data'"):
         future.result(timeout=60)
 
 
@@ -166,7 +183,31 @@ def test_a_job_sbatch_refuses_is_an_error_at_once(slurm_box, tmp_path):
     plane = SlurmControlPlane(SlurmSettings(partition="no-such-partition", poll_s=0.2),
                               str(tmp_path / "slurm"))
     try:
-        with pytest.raises(Exception, match="sbatch failed"):
+        with pytest.raises(SchedulerError, match="sbatch failed"):
             plane.start(ping)
+        assert not list(Path(plane.work_dir).iterdir()), "the call's file was left behind"
+    finally:
+        plane.shutdown()
+
+
+@pytest.mark.slurm
+def test_through_a_login_shell_arguments_stay_whole_and_a_banner_is_ignored(slurm_box, tmp_path):
+    """`login_command` as ssh uses it: one command string, parsed again by the login node's
+    shell, which may print a banner first. A comment with spaces and shell characters in the
+    caller's name arrives whole, and nothing of it is run."""
+    login = tmp_path / "login"
+    login.write_text('#!/bin/sh\necho "Welcome to login1 (maintenance on Friday)"\n'
+                     'exec sh -c "$1"\n')
+    login.chmod(0o755)
+    plane = SlurmControlPlane(SlurmSettings(poll_s=0.2, login_command=[str(login)]),
+                              str(tmp_path / "jobs"))
+    try:
+        caller = "o'brien; touch /tmp/pwned-$$ $(id)"
+        started = plane.start(ping, options=JobOptions(caller=caller, account="chem-123"))
+        assert started.future.result(timeout=60)["pid"] != os.getpid()
+        comment = slurm_box.command("squeue", "-h", "--states=all",
+                                    f"--jobs={started.job_id}", "-o", "%k").strip()
+        assert comment == f"streamllm caller={caller}"
+        assert not list(Path("/tmp").glob("pwned-*"))
     finally:
         plane.shutdown()

@@ -103,11 +103,20 @@ class SlurmSettings(_Strict):
     walltime: str = "00:30:00"  # per-request and batch jobs (agents: agents.walltime_s)
     options: list[str] = Field(default_factory=list)  # more sbatch options: --gres=gpu:1, --qos=
     python: str | None = None  # the nodes' interpreter with streamllm installed; default: ours
-    work_dir: str | None = None  # job outputs and results, on the cluster's filesystem
+    # Shell lines the job runs first (activate an environment, export the vLLM key from a file).
+    setup: str = ""
+    # The gateway's environment variables a job gets (sbatch --export); nothing else of it:
+    # a gateway's environment holds secrets (cloud keys) that have no business on a node.
+    export: list[str] = Field(default_factory=lambda: ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+    work_dir: str | None = None  # job calls, outputs and results, on the cluster's filesystem
     # Prefixed to every scheduler command (sbatch, squeue, scancel, and cat for results):
     # ["ssh", "login1.hpc.example.edu"] from a gateway outside the cluster; none: run here.
+    # The command is then given as one shell-quoted string, as ssh passes it to a shell.
     login_command: list[str] = Field(default_factory=list)
     poll_s: Seconds = 2.0  # one squeue for all of our jobs this often
+    command_timeout_s: Seconds = 30.0  # one scheduler command; a login node slower is unwell
+    # A job that ended well may show its result this much later (a shared filesystem's cache).
+    result_wait_s: Seconds = 15.0
 
 
 class AgentSettings(_Strict):

@@ -372,7 +372,7 @@ class Runtime:
         wait = WARM_RETRY_S
         while True:
             try:
-                await asyncio.wrap_future(plane.submit(ping))
+                await asyncio.wrap_future(await asyncio.to_thread(plane.submit, ping))
                 break
             except Exception as e:
                 # Offline until a job gets through again: tried again with a growing pause,
@@ -418,6 +418,10 @@ class Runtime:
             # Each cluster's Parsl engine keeps its own run directory.
             cs = cs.model_copy(update={"parsl": cs.parsl.model_copy(update={
                 "run_dir": os.path.join(os.path.expanduser(data_dir), "parsl", name)})})
+        if name != "default" and not cs.slurm.work_dir:
+            # And each cluster's sbatch plane its own job files.
+            cs = cs.model_copy(update={"slurm": cs.slurm.model_copy(update={
+                "work_dir": os.path.join(os.path.expanduser(data_dir), "slurm", name)})})
         plane = await asyncio.to_thread(make_control_plane, cs, data_dir)
         self.planes.append(plane)
         agents = cs.agents

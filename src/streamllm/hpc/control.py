@@ -36,6 +36,12 @@ class DispatchKind(StrEnum):
     AGENT = "agent"  # a warm agent that was already running
 
 
+class JobGone(Exception):
+    """The scheduler says a job has ended without a result (cancelled, out of time, its node
+    lost): nothing more will come from it, on the relay or otherwise. Other failures of a
+    job's future (a lost heartbeat, a result that could not be delivered) prove less."""
+
+
 @dataclass(frozen=True)
 class StartedJob:
     """A job as the gateway knows it: the control plane's future and what we need to know
@@ -66,6 +72,10 @@ class ControlPlane(Protocol):
     def start(self, fn: Callable[..., Any], *args: Any,
               options: JobOptions | None = None) -> StartedJob: ...
 
+    def cancel(self, job_id: str) -> None:
+        """Stop a job the gateway has given up on (its StartedJob.job_id)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -78,6 +88,9 @@ class JobsOnly:
     def start(self, fn: Callable[..., Any], *args: Any,
               options: JobOptions | None = None) -> StartedJob:
         return StartedJob(self.submit(fn, *args), DispatchKind.JOB)
+
+    def cancel(self, job_id: str) -> None:
+        pass  # its jobs have no id of their own: they end with their work or their walltime
 
 
 class LocalControlPlane(JobsOnly):
@@ -276,30 +289,49 @@ class IdempotentSubmitter:
         self._ttl = ttl_s
         self._max = max_keys
         self._jobs: OrderedDict[str, tuple[float, Submission]] = OrderedDict()
+        self._starting: dict[str, threading.Event] = {}  # keys whose job is being started
         self._lock = threading.Lock()
         self.submitted = 0  # how many jobs really reached the control plane
 
     def submit(self, key: str, fn: Callable[..., Any], *args: Any,
                options: JobOptions | None = None) -> Submission:
-        """Start `fn(*args)`, or join the job an earlier call with the same key started."""
-        now = time.monotonic()
-        with self._lock:
-            while self._jobs:
-                oldest_key, (at, _) = next(iter(self._jobs.items()))
-                if now - at <= self._ttl and len(self._jobs) < self._max:
+        """Start `fn(*args)`, or join the job an earlier call with the same key started.
+
+        The lock is not held while the plane starts the job (`sbatch` can take seconds): a
+        call with the same key meanwhile waits for that start, others go on."""
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                while self._jobs:
+                    oldest_key, (at, _) = next(iter(self._jobs.items()))
+                    if now - at <= self._ttl and len(self._jobs) < self._max:
+                        break
+                    del self._jobs[oldest_key]
+                starting = self._starting.get(key)
+                if starting is None:
+                    known = self._jobs.get(key)
+                    if known is not None:
+                        job = known[1]
+                        # A job that failed may be retried for real; one running or done is
+                        # joined.
+                        if not (job.future.done() and job.future.exception() is not None):
+                            return Submission(job.future, job.kind, False, job.args,
+                                              job.job_id)
+                    starting = self._starting[key] = threading.Event()
                     break
-                del self._jobs[oldest_key]
-            known = self._jobs.get(key)
-            if known is not None:
-                job = known[1]
-                # A job that failed may be retried for real; one running or done is joined.
-                if not (job.future.done() and job.future.exception() is not None):
-                    return Submission(job.future, job.kind, False, job.args, job.job_id)
+            starting.wait()  # the same key is being started by another call: then join it
+        try:
             begun = self.plane.start(fn, *args, options=options)
-            job = Submission(begun.future, begun.kind, True, args, begun.job_id)
+        except BaseException:
+            with self._lock:
+                self._starting.pop(key).set()
+            raise
+        job = Submission(begun.future, begun.kind, True, args, begun.job_id)
+        with self._lock:
             self.submitted += 1
             self._jobs[key] = (now, job)
-            return job
+            self._starting.pop(key).set()
+        return job
 
 
 def make_control_plane(settings: HPCSettings, data_dir: str) -> ControlPlane:

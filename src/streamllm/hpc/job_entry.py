@@ -1,10 +1,11 @@
 """What a Slurm job submitted by the `slurm` control plane runs (`python -m
-streamllm.hpc.job_entry`): one call, read from standard input, its result written to a file.
+streamllm.hpc.job_entry`): one call, read from a file, its result written to another.
 
-The batch script feeds the call in on stdin (a base64 pickle of the function's module and name
-and its arguments), so nothing but the script crosses to the cluster. The result goes back as
-JSON, never as a pickle: the gateway does not unpickle what a node wrote. It is written to a
-temporary name and renamed, so that a reader never sees half of it.
+`STREAMLLM_CALL_FILE` holds the call (base64 text of a pickle of the function's module and name
+and its arguments); it is removed once read, since it holds a prompt and the request's relay
+token and key. The result goes to `STREAMLLM_RESULT_FILE` as JSON, never as a pickle: the
+gateway does not unpickle what a node wrote. It is written under a temporary name that must not
+exist (no one else's symlink is followed) and renamed, so that a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import sys
 from typing import Any
 
 
-def run(payload: bytes) -> dict[str, Any]:
-    call = pickle.loads(base64.b64decode(payload))
+def run(encoded: str) -> dict[str, Any]:
+    call = pickle.loads(base64.b64decode(encoded))
     fn = getattr(importlib.import_module(call["module"]), call["name"])
     try:
         return {"ok": True, "value": fn(*call["args"])}
@@ -27,20 +28,29 @@ def run(payload: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def main() -> int:
-    os.umask(0o077)  # the result holds an answer: for the job's owner only
-    payload = sys.stdin.buffer.read()
-    results_dir = os.environ["STREAMLLM_RESULTS_DIR"]
-    job_id = os.environ.get("SLURM_JOB_ID", str(os.getpid()))
-    outcome = run(payload)
+def read_call(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        encoded = f.read()
+    os.remove(path)
+    return encoded
+
+
+def write_result(path: str, outcome: dict[str, Any]) -> None:
     try:
         text = json.dumps(outcome)
     except (TypeError, ValueError) as e:
         text = json.dumps({"ok": False, "error": f"the result is not JSON: {e}"})
-    path = os.path.join(results_dir, f"{job_id}.result.json")
-    with open(path + ".part", "w", encoding="utf-8") as f:
+    part = path + ".part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(path + ".part", path)
+    os.replace(part, path)
+
+
+def main() -> int:
+    os.umask(0o077)  # what the job writes holds answers: for the job's owner only
+    outcome = run(read_call(os.environ["STREAMLLM_CALL_FILE"]))
+    write_result(os.environ["STREAMLLM_RESULT_FILE"], outcome)
     return 0 if outcome["ok"] else 1
 
 

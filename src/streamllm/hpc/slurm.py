@@ -7,13 +7,16 @@ cluster's `accounts` map, else the default) and a `--comment` naming the caller,
 accounting expects. The cost is a scheduler round trip per request (`sbatch` to a running job);
 warm agents, which run under the default account, are what avoid it (docs/hpc-as-api.md).
 
-How a job travels: the batch script, fed to `sbatch` on standard input, carries the call (a
-base64 pickle of the function's module, name and arguments: the function is streamllm's own,
-installed on the nodes) and runs `python -m streamllm.hpc.job_entry`, which writes the result as
-JSON into the work directory. One `squeue` every `poll_s` for all of our jobs tells which have
-ended; the result file (read through `login_command` when the gateway is not on the cluster's
-filesystem) completes the job's future, and a job that ended without one fails it, naming the
-job and its state (CANCELLED after `scancel`, TIMEOUT, NODE_FAIL ...).
+How a job travels: the call (a base64 pickle of the function's module, name and arguments: the
+function is streamllm's own, installed on the nodes) is written to a file of its own, mode 0600,
+in the work directory; the batch script, fed to `sbatch` on standard input, names that file
+and runs `python -m streamllm.hpc.job_entry`, which reads and removes it and writes the result
+as JSON to a file named by the same random name. The script holds no prompt, key or token:
+Slurm keeps scripts (`scontrol write batch_script`, slurmdbd's job_script). One `squeue` every
+`poll_s` for all of our jobs tells which have ended; the result file (read through
+`login_command` when the gateway is not on the cluster's filesystem) completes the job's future,
+and a job that ended without one fails it, naming the job and its state (CANCELLED after
+`scancel`, TIMEOUT, NODE_FAIL ...).
 
 The tokens come back through the relay as with any control plane: the future is the backstop,
 so polling adds nothing to an answer's latency.
@@ -28,22 +31,23 @@ import logging
 import math
 import os
 import pickle
+import secrets
 import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from streamllm.config import SlurmSettings
-from streamllm.hpc.control import DispatchKind, JobOptions, StartedJob
+from streamllm.errors import ConfigError
+from streamllm.hpc.control import DispatchKind, JobGone, JobOptions, StartedJob
 
 log = logging.getLogger("streamllm.hpc")
 
-COMMAND_TIMEOUT_S = 30.0  # one scheduler command; a login node that takes longer is unwell
-RESULT_LAG_POLLS = 3  # a completed job's result may show on a shared filesystem this late
 COMMENT_LIMIT = 128
 
 
@@ -100,13 +104,21 @@ class SchedulerError(Exception):
     """A scheduler command failed (sbatch refused the job, the controller did not answer)."""
 
 
-class SlurmJobEnded(Exception):
+class SlurmJobEnded(JobGone):
     """A job ended without a result: cancelled, out of time, its node lost ..."""
 
-    def __init__(self, job_id: str, state: SlurmJobState | None, detail: str = ""):
+    def __init__(self, job_id: str, state: SlurmJobState | None, why: str = ""):
         self.job_id, self.state = job_id, state
         said = f"ended {state.value}" if state is not None else "left the queue"
-        super().__init__(f"Slurm job {job_id} {said} without a result{detail}")
+        super().__init__(f"Slurm job {job_id} {said} without a result{why}")
+
+
+class SlurmJobFailed(Exception):
+    """A job ran its call, and the call raised."""
+
+    def __init__(self, job_id: str, error: str):
+        self.job_id, self.error = job_id, error
+        super().__init__(f"Slurm job {job_id} failed: {error}")
 
 
 # -- pure parts -----------------------------------------------------------------------------------
@@ -133,7 +145,11 @@ def comment_for(options: JobOptions) -> str:
 def sbatch_argv(settings: SlurmSettings, name: str, options: JobOptions,
                 work_dir: str) -> list[str]:
     argv = ["sbatch", "--parsable", f"--job-name={name}",
-            f"--output={work_dir}/%j.out", f"--chdir={work_dir}"]
+            f"--output={work_dir}/%j.out", f"--chdir={work_dir}",
+            # A requeued job would run again under the same id after we settled it.
+            "--no-requeue",
+            # Only what the job needs of our environment: it holds the gateway's secrets.
+            f"--export={','.join(settings.export) or 'NONE'}"]
     if options.walltime_s is not None:
         argv.append(f"--time={slurm_time(options.walltime_s)}")
     else:
@@ -147,24 +163,30 @@ def sbatch_argv(settings: SlurmSettings, name: str, options: JobOptions,
     return [*argv, *settings.options]
 
 
-def batch_script(python: str, work_dir: str, fn: Callable[..., Any], args: Sequence[Any]) -> str:
+def encode_call(fn: Callable[..., Any], args: Sequence[Any]) -> str:
+    """The call as the job reads it: base64 text of a pickle of names and arguments."""
     call = pickle.dumps({"module": fn.__module__, "name": fn.__qualname__, "args": tuple(args)})
-    encoded = base64.encodebytes(call).decode()
+    return base64.encodebytes(call).decode()
+
+
+def batch_script(python: str, call_file: str, result_file: str, setup: str = "") -> str:
     return (
         "#!/bin/sh\n"
-        f"export STREAMLLM_RESULTS_DIR={shlex.quote(work_dir)}\n"
-        f"exec {shlex.quote(python)} -m streamllm.hpc.job_entry <<'STREAMLLM_CALL'\n"
-        f"{encoded}STREAMLLM_CALL\n"
+        f"{setup.rstrip()}\n"
+        f"export STREAMLLM_CALL_FILE={shlex.quote(call_file)}\n"
+        f"export STREAMLLM_RESULT_FILE={shlex.quote(result_file)}\n"
+        f"exec {shlex.quote(python)} -m streamllm.hpc.job_entry\n"
     )
 
 
 def parse_job_id(sbatch_output: str) -> str:
-    """`sbatch --parsable` prints `id` or `id;cluster`."""
-    first = sbatch_output.strip().splitlines()[0] if sbatch_output.strip() else ""
-    job_id = first.split(";")[0].strip()
-    if not job_id.isdigit():
-        raise SchedulerError(f"sbatch printed no job id: {sbatch_output.strip()[:200]!r}")
-    return job_id
+    """`sbatch --parsable` prints `id` or `id;cluster`, after whatever a login shell printed
+    first (a banner): the last line that is one."""
+    for line in reversed(sbatch_output.strip().splitlines()):
+        job_id = line.split(";")[0].strip()
+        if job_id.isdigit():
+            return job_id
+    raise SchedulerError(f"sbatch printed no job id: {sbatch_output.strip()[-200:]!r}")
 
 
 def parse_squeue(output: str) -> dict[str, SlurmJobState]:
@@ -177,12 +199,16 @@ def parse_squeue(output: str) -> dict[str, SlurmJobState]:
     return states
 
 
+# A job that ended in one of these may still have written its result: wait for it a little.
+_MAY_HAVE_RESULT = (None, SlurmJobState.COMPLETED, SlurmJobState.FAILED)
+
+
 # -- the plane ------------------------------------------------------------------------------------
 @dataclass
 class _Tracked:
     future: concurrent.futures.Future[Any]
-    name: str
-    missing: int = 0  # polls it has been seen ended with no result yet
+    nonce: str  # names its call and result files
+    ended_at: float | None = None  # when the queue first said it had ended with no result
 
 
 class SlurmControlPlane:
@@ -190,19 +216,31 @@ class SlurmControlPlane:
 
     def __init__(self, settings: SlurmSettings, default_work_dir: str):
         self.settings = settings
-        self.work_dir = os.path.expanduser(settings.work_dir or default_work_dir)
+        self.work_dir = settings.work_dir or default_work_dir
         self.python = settings.python or sys.executable
         self._jobs: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.submitted = 0
-        if settings.login_command:
-            self._command(["mkdir", "-p", "-m", "700", self.work_dir])
-        else:
-            os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+        self._make_work_dir()
         self._poller = threading.Thread(target=self._poll_loop, daemon=True,
                                         name="slurm-poller")
         self._poller.start()
+
+    def _make_work_dir(self) -> None:
+        if self.settings.login_command:
+            # On the cluster: its own user's, no one else's (an existing one is made so).
+            where = shlex.quote(self.work_dir)
+            self._command(["sh", "-c", f"mkdir -p {where} && chmod 700 {where}"])
+            return
+        self.work_dir = os.path.expanduser(self.work_dir)
+        os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+        st = os.stat(self.work_dir)
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"slurm.work_dir {self.work_dir} belongs to another user: job "
+                              "calls and answers must be readable by this one alone")
+        if st.st_mode & 0o077:
+            os.chmod(self.work_dir, 0o700)  # an existing directory others could read
 
     # -- the control-plane interface ------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
@@ -210,26 +248,46 @@ class SlurmControlPlane:
 
     def start(self, fn: Callable[..., Any], *args: Any,
               options: JobOptions | None = None) -> StartedJob:
+        if self._stop.is_set():
+            raise SchedulerError("the slurm control plane has stopped")
         options = options or JobOptions()
-        name = job_name(fn)
-        script = batch_script(self.python, self.work_dir, fn, args)
-        output = self._command(sbatch_argv(self.settings, name, options, self.work_dir),
-                               stdin=script)
-        job_id = parse_job_id(output)
+        nonce = secrets.token_hex(12)
+        call_file = self._path(f"{nonce}.call")
+        self._write_private(call_file, encode_call(fn, args))
+        script = batch_script(self.python, call_file, self._path(f"{nonce}.result.json"),
+                              self.settings.setup)
+        try:
+            output = self._command(
+                sbatch_argv(self.settings, job_name(fn), options, self.work_dir), stdin=script)
+            job_id = parse_job_id(output)
+        except SchedulerError:
+            self._remove(call_file)
+            raise
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # it is the scheduler's now: scancel stops it
         with self._lock:
-            self._jobs[job_id] = _Tracked(future, name)
-            self.submitted += 1
-        log.debug("slurm: submitted %s as job %s", name, job_id)
+            stopped = self._stop.is_set()
+            if not stopped:
+                self._jobs[job_id] = _Tracked(future, nonce)
+                self.submitted += 1
+        if stopped:  # shut down while sbatch ran: nobody would follow or cancel it
+            self.cancel(job_id)
+            raise SchedulerError("the slurm control plane has stopped")
+        log.debug("slurm: submitted %s as job %s", job_name(fn), job_id)
         return StartedJob(future, DispatchKind.JOB, job_id)
+
+    def cancel(self, job_id: str) -> None:
+        """scancel one job (its future fails once the queue says it has ended)."""
+        try:
+            self._command(["scancel", job_id])
+        except SchedulerError as e:
+            log.warning("slurm: could not cancel job %s: %s", job_id, e)
 
     def shutdown(self) -> None:
         """Cancel every job still ours (agents included): a gateway that stops must not leave
         them holding nodes."""
-        self._stop.set()
-        self._poller.join(timeout=COMMAND_TIMEOUT_S)
         with self._lock:
+            self._stop.set()
             left = dict(self._jobs)
             self._jobs.clear()
         if left:
@@ -238,9 +296,9 @@ class SlurmControlPlane:
             except SchedulerError as e:
                 log.warning("slurm: could not cancel jobs %s: %s", ", ".join(left), e)
         for job_id, tracked in left.items():
-            if not tracked.future.done():
-                tracked.future.set_exception(SlurmJobEnded(job_id, SlurmJobState.CANCELLED,
-                                                           ": the gateway stopped"))
+            tracked.future.set_exception(SlurmJobEnded(job_id, SlurmJobState.CANCELLED,
+                                                       ": the gateway stopped"))
+        self._poller.join(timeout=self.settings.command_timeout_s)
 
     @property
     def running(self) -> list[str]:
@@ -281,33 +339,50 @@ class SlurmControlPlane:
             tracked = self._jobs.get(job_id)
         if tracked is None:
             return
-        result = self._read(self._result_path(job_id))
+        result_file = self._path(f"{tracked.nonce}.result.json")
+        result = self._read(result_file)
         if result is None:
             if state is SlurmJobState.COMPLETING:
                 return  # still exiting: its result may come
-            tracked.missing += 1
-            if state is SlurmJobState.COMPLETED and tracked.missing < RESULT_LAG_POLLS:
+            now = time.monotonic()
+            tracked.ended_at = tracked.ended_at or now
+            if state in _MAY_HAVE_RESULT and now - tracked.ended_at < \
+                    self.settings.result_wait_s:
                 return
         with self._lock:
-            self._jobs.pop(job_id, None)
+            # Settled once: by this poll, or by shutdown, whichever takes it from the table.
+            if self._jobs.pop(job_id, None) is not tracked:
+                return
+        self._remove(result_file, self._path(f"{tracked.nonce}.call"))
         if result is not None and result.get("ok"):
-            self._remove(self._result_path(job_id), self._output_path(job_id))
+            self._remove(self._output_path(job_id))
             tracked.future.set_result(result.get("value"))
             return
         if result is None:
-            error: Exception = SlurmJobEnded(job_id, state, self._tail(job_id))
+            error: Exception = SlurmJobEnded(job_id, state)
         else:
-            self._remove(self._result_path(job_id))
-            error = RuntimeError(f"Slurm job {job_id}: {result.get('error')}")
-        log.warning("slurm: %s (output: %s)", error, self._output_path(job_id))
+            error = SlurmJobFailed(job_id, str(result.get("error")))
+        # The job's own output stays on the cluster and in our log, not in what a client sees.
+        log.warning("slurm: %s (output: %s%s)", error, self._output_path(job_id),
+                    self._tail(job_id))
         tracked.future.set_exception(error)
 
     # -- files and commands ---------------------------------------------------------------------
-    def _result_path(self, job_id: str) -> str:
-        return os.path.join(self.work_dir, f"{job_id}.result.json")
+    def _path(self, name: str) -> str:
+        return os.path.join(self.work_dir, name)
 
     def _output_path(self, job_id: str) -> str:
-        return os.path.join(self.work_dir, f"{job_id}.out")
+        return self._path(f"{job_id}.out")
+
+    def _write_private(self, path: str, text: str) -> None:
+        """A file only this user can read, that did not exist (no one else's symlink)."""
+        if self.settings.login_command:
+            self._command(["sh", "-c", f"umask 077 && set -C && cat > {shlex.quote(path)}"],
+                          stdin=text)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def _read(self, path: str) -> dict[str, Any] | None:
         try:
@@ -318,14 +393,16 @@ class SlurmControlPlane:
                     text = f.read()
         except (OSError, SchedulerError):
             return None
+        # The result is one line of JSON; a login shell may have printed something first.
+        lines = text.strip().splitlines()
         try:
-            outcome = json.loads(text)
+            outcome = json.loads(lines[-1]) if lines else None
         except ValueError:
             return None
         return outcome if isinstance(outcome, dict) else None
 
     def _tail(self, job_id: str) -> str:
-        """The end of a failed job's output, when it is on our filesystem."""
+        """The end of a failed job's output, when it is on our filesystem (for the log)."""
         if self.settings.login_command:
             return ""
         try:
@@ -333,7 +410,7 @@ class SlurmControlPlane:
                 last = f.read()[-300:].strip()
         except OSError:
             return ""
-        return f" (its output ends: {last.splitlines()[-1]})" if last else ""
+        return f"; it ends: {last.splitlines()[-1]}" if last else ""
 
     def _remove(self, *paths: str) -> None:
         if self.settings.login_command:
@@ -349,10 +426,13 @@ class SlurmControlPlane:
                 pass
 
     def _command(self, argv: list[str], stdin: str | None = None) -> str:
-        full = [*self.settings.login_command, *argv]
+        # Through ssh the command is one string that the login node's shell parses again:
+        # quoted here, so that a comment with spaces (or a caller's name) stays one argument.
+        full = [*self.settings.login_command, shlex.join(argv)] if self.settings.login_command \
+            else argv
         try:
             done = subprocess.run(full, input=stdin, capture_output=True, text=True,
-                                  timeout=COMMAND_TIMEOUT_S, check=False)
+                                  timeout=self.settings.command_timeout_s, check=False)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise SchedulerError(f"{argv[0]}: {e}") from None
         if done.returncode != 0:

@@ -39,7 +39,7 @@ from streamllm.config import AgentSettings
 from streamllm.errors import RelayError, TokenRejected
 from streamllm.hpc.agent import SILENT_BEATS, epoch_channel, epoch_key, run_agent
 from streamllm.hpc.batch_worker import run_batch_chunk
-from streamllm.hpc.control import ControlPlane, DispatchKind, JobOptions, StartedJob
+from streamllm.hpc.control import ControlPlane, DispatchKind, JobGone, JobOptions, StartedJob
 from streamllm.hpc.worker import run_completion
 from streamllm.relay.client import RelayLink, dial
 from streamllm.relay.crypto import Opener, Sealer, new_key
@@ -280,19 +280,26 @@ class AgentPool:
                 await agent.link.close()
             raise
         loop = asyncio.get_running_loop()
-        agent.job.add_done_callback(
-            lambda job: loop.call_soon_threadsafe(self._job_ended, agent, job))
+
+        def ended(job: concurrent.futures.Future[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(self._job_ended, agent, job)
+            except RuntimeError:
+                pass  # the gateway's loop is closed: a plane shut down after it
+
+        agent.job.add_done_callback(ended)
         self._spawn(self._listen(agent))
         log.info("cluster %s: agent %s… launched%s", self.cluster, channel[6:14],
                  f" as job {agent.job_id}" if agent.job_id else "")
         return agent
 
     def _job_ended(self, agent: Agent, job: concurrent.futures.Future[Any]) -> None:
-        """The agent's job failed (cancelled, out of time, its node lost): the requests it held
-        fail now, naming the job, rather than after a silence. A job that ended well has sent
-        its results on its channel first, and the listener settles those."""
+        """The scheduler says the agent's job is gone (cancelled, out of time, its node lost):
+        the requests it held fail now, naming the job, rather than after a silence. Any other
+        end is left to the listener and its grace: a job that ended well has sent its results
+        on its channel first, and a lost heartbeat does not prove the agent gone."""
         error = job.exception()
-        if error is None:
+        if not isinstance(error, JobGone) or self._stopping:
             return
         named = f"job {agent.job_id}" if agent.job_id else "job"
         log.warning("cluster %s: agent %s…'s %s failed: %s", self.cluster, agent.id[6:14],
@@ -517,6 +524,8 @@ class AgentPool:
                             self.cluster, agent.id[6:14], now - agent.launched_at)
                 await self._drain(agent)
                 await self._retire(agent, None)
+                if agent.job_id:  # still queued, perhaps: it must not start later for nobody
+                    await asyncio.to_thread(self.plane.cancel, agent.job_id)
             # Replace before the walltime ends: successor first, then drain the old one.
             elif agent.phase == "ready" and now - agent.launched_at > \
                     agent.walltime_s - s.replace_before_s and not agent.replaced:
@@ -590,6 +599,9 @@ class AgentFirstPlane:
                                   agent.job_id)
             self.pool.overflowed()
         return self.plane.start(fn, *args, options=options)
+
+    def cancel(self, job_id: str) -> None:
+        self.plane.cancel(job_id)
 
     def shutdown(self) -> None:
         self.plane.shutdown()

@@ -162,7 +162,8 @@ class HPCRelayBackend:
         loop = asyncio.get_running_loop()
         started = loop.time()
         d = self.deadlines
-        future, job, _ = self._submit(body, dispatch)
+        # In a thread: a control plane may run a command to submit (`sbatch`, over SSH even).
+        future, job, _ = await asyncio.to_thread(self._submit, body, dispatch)
         result = asyncio.wrap_future(future)
         link = None if future.done() else await self._dial(job)
         dispatch.headers["x-stream-transport"] = "relay" if link is not None else "batch"
