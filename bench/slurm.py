@@ -95,6 +95,7 @@ def gateway(tmp: Path, cluster: dict[str, Any]) -> tuple[Any, ServerThread]:
     while not all(c.state() == "ready" for c in clusters) or any(
             c.pool.enabled and not c.pool.ready() for c in clusters):
         if time.monotonic() > deadline:
+            server.stop()
             raise RuntimeError("the cluster did not become ready")
         time.sleep(0.1)
     return app, server
@@ -142,7 +143,11 @@ def main() -> None:
                     server.stop()
         finally:
             relay.terminate()
-            relay.wait(timeout=15)
+            try:
+                relay.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait()
     base = results["direct"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT, check=False).stdout.strip()

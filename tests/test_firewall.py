@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -112,7 +113,11 @@ def walled_relay(walled_box, tmp_path_factory) -> Iterator[Relay]:
         yield Relay(f"wss://{walled_box.host_address}:{port}", port, secret, ca)
     finally:
         process.terminate()
-        process.wait(timeout=15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def body(question: str, max_tokens: int = 40) -> dict[str, Any]:
@@ -224,8 +229,8 @@ def test_a_job_runs_inside_the_namespace_and_can_dial_out_only(walled_box, walle
     submitted = time.time()
     job_id = walled_box.command("sbatch", "--parsable", "-p", "gpu2", "-o", str(out),
                                 "--wrap", f"ip -4 -o addr show; {sys.executable} -c \"{probe}\"")
-    until(lambda: job_id.strip() not in walled_box.command("squeue", "-h", "-o", "%i"), 60,
-          "the job to end")
+    until(lambda: job_id.strip() not in walled_box.command("squeue", "-h", "-o", "%i").split(),
+          60, "the job to end")
     log = out.read_text()
     interfaces, _, rest = log.partition("started")
     addresses = {line.split()[3] for line in interfaces.splitlines() if " inet " in line}

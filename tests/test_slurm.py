@@ -10,6 +10,7 @@ deterministic that way).
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,11 @@ def relay(tmp_path_factory) -> Iterator[Relay]:
         yield Relay(f"ws://127.0.0.1:{port}", secret)
     finally:
         process.terminate()
-        process.wait(timeout=15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def slurm_cluster(relay: Relay, model_url: str, partition: str, run_dir: Path,

@@ -12,6 +12,7 @@ llama.cpp server reports for the same messages (see `ChatOverhead`). Nothing is 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -191,12 +192,14 @@ class GGUFTokenizer:
     the interface TokenCounter uses: `encode(text, add_special_tokens=False).ids`."""
 
     PROBE = "Hello."  # a message text for measuring the chat template
-    CACHE_ENTRIES = 4096  # texts whose tokens are kept, at most CACHE_CHARS characters each
+    CACHE_ENTRIES = 4096  # texts whose tokens are kept, at most CACHE_CHARS characters each...
     CACHE_CHARS = 8192
+    CACHE_TOTAL_CHARS = 2_000_000  # ...and this many in all (prompts' text, held in memory)
 
     def __init__(self, llama: Any):
         self.llama = llama
         self._cache: dict[str, Encoding] = {}  # in use order, oldest first
+        self._cached_chars = 0
         self.chat_overhead: ChatOverhead | None = None
         self.chat_overhead = self._measure_template()
 
@@ -222,8 +225,12 @@ class GGUFTokenizer:
             found = self._cache.pop(text, None)
             if found is None:
                 found = self._encode(text, False)
-                if len(self._cache) >= self.CACHE_ENTRIES:
-                    del self._cache[next(iter(self._cache))]  # the least recently used
+                self._cached_chars += len(text)
+                while self._cache and (len(self._cache) >= self.CACHE_ENTRIES or
+                                       self._cached_chars > self.CACHE_TOTAL_CHARS):
+                    oldest = next(iter(self._cache))  # the least recently used
+                    del self._cache[oldest]
+                    self._cached_chars -= len(oldest)
             self._cache[text] = found
             return found
         return self._encode(text, add_special_tokens)
@@ -281,6 +288,9 @@ class GGUFTokenizer:
                                       ("system", "user", "assistant", "user")))
             return ChatOverhead(max(by_role.values()), priming + max(short, 0), by_role,
                                 without_system)
-        except Exception:  # noqa: BLE001 - a template not renderable here: the defaults
+        except Exception as e:  # noqa: BLE001 - a template not renderable here: the defaults
+            logging.getLogger("streamllm.context").warning(
+                "the GGUF's chat template could not be measured (%s: %s); counts use the "
+                "usual per-message overhead and may be a few tokens short", type(e).__name__, e)
             return None
 
