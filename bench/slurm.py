@@ -38,7 +38,7 @@ from streamllm import realmodel
 from streamllm.config import Settings
 from streamllm.gateway import create_app
 from streamllm.serving import ServerThread
-from tests.slurm_box import SlurmBox
+from tests.slurm_box import SlurmBox, end_process
 
 QUESTIONS = ["Name a planet.", "Say hello.", "What is 3 plus 4?", "Name a colour.",
              "Name a city in France."]
@@ -142,12 +142,7 @@ def main() -> None:
                 finally:
                     server.stop()
         finally:
-            relay.terminate()
-            try:
-                relay.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                relay.kill()
-                relay.wait()
+            end_process(relay)
     base = results["direct"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT, check=False).stdout.strip()

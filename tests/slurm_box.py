@@ -146,14 +146,7 @@ class SlurmBox:
             except (RuntimeError, subprocess.TimeoutExpired, OSError):
                 pass  # the daemons go anyway
         for name in reversed(list(self.processes)):
-            process = self.processes.pop(name)
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            end_process(self.processes.pop(name))
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SlurmBox:
@@ -435,7 +428,7 @@ class WalledSlurmBox(SlurmBox):
 
     def stop(self) -> None:
         for process in reversed(self.inside):
-            _end(process)
+            end_process(process)
         self.inside.clear()
         super().stop()
         if self.netns is not None:
@@ -539,7 +532,8 @@ def _in_use(network: ipaddress.IPv4Network) -> bool:
     return False
 
 
-def _end(process: subprocess.Popen) -> None:
+def end_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 15 s, by PID; waited for either way."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from streamllm.gateway import create_app
 from streamllm.realmodel import MODEL_NAME
 from streamllm.serving import ServerThread
 from tests.conftest import hpc_ready, start_relay, until
+from tests.slurm_box import end_process
 
 pytestmark = [pytest.mark.slurm, pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -112,12 +112,7 @@ def walled_relay(walled_box, tmp_path_factory) -> Iterator[Relay]:
     try:
         yield Relay(f"wss://{walled_box.host_address}:{port}", port, secret, ca)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
 
 
 def body(question: str, max_tokens: int = 40) -> dict[str, Any]:

@@ -10,7 +10,6 @@ deterministic that way).
 from __future__ import annotations
 
 import secrets
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from streamllm.gateway import create_app
 from streamllm.realmodel import MODEL_NAME
 from streamllm.serving import ServerThread
 from tests.conftest import hpc_ready, start_relay, until
+from tests.slurm_box import end_process
 
 pytestmark = [pytest.mark.slurm, pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -45,12 +45,7 @@ def relay(tmp_path_factory) -> Iterator[Relay]:
     try:
         yield Relay(f"ws://127.0.0.1:{port}", secret)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
 
 
 def slurm_cluster(relay: Relay, model_url: str, partition: str, run_dir: Path,
