@@ -393,6 +393,7 @@ class WalledSlurmBox(SlurmBox):
         # Like realmodel.start_model_server's: it ends with its parent, even one killed (the
         # signal survives `ip netns exec`'s exec, which is not setuid).
         process = self.popen_inside(realmodel.server_command(self.address, port), log_path,
+                                    env=realmodel.server_environment(),
                                     preexec_fn=realmodel._end_with_parent)
         server = realmodel.ModelServer(process, self.address, port, log_path)
         deadline = time.monotonic() + timeout

@@ -158,7 +158,10 @@ def test_serve_real_model_answers_with_the_real_model_and_counts_its_tokens_exac
     """`streamllm serve --real-model` (what `make run-real` starts): the local tier is the real
     model behind its own server, started and stopped with the gateway."""
     port = closed_port()
-    env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=f"http://127.0.0.1:{closed_port()}/v1")
+    # What `make run-real PORT=...` exports, and variables a shell may hold anyway: the model
+    # server must not take them as its own settings (it did: PORT moved it onto our port).
+    env = clean_env(STREAMLLM_SERVER__OLLAMA_URL=f"http://127.0.0.1:{closed_port()}/v1",
+                    PORT=str(port), HOST="0.0.0.0", API_KEY="not-for-the-model-server")
     srv = Running(["serve", "--port", str(port), "--real-model"], env, "Uvicorn running on")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",

@@ -110,6 +110,18 @@ def server_command(host: str, port: int, threads: int | None = None,
     ]
 
 
+def server_environment() -> dict[str, str]:
+    """Our environment without what llama-cpp-python's server would take as its settings: it
+    reads every setting from a variable of the same name too (PORT, HOST, API_KEY, MODEL ...),
+    and those win over its command line. Seen: `make run-real PORT=8080` put the model server
+    on the gateway's port."""
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    taken = {name.lower() for cls in (ServerSettings, ModelSettings)
+             for name in cls.model_fields} | {"config_file"}
+    return {k: v for k, v in os.environ.items() if k.lower() not in taken}
+
+
 def start_model_server(log_dir: Path, host: str = "127.0.0.1", port: int | None = None,
                        timeout: float = 120.0) -> ModelServer:
     """Start the server and wait until it answers /v1/models."""
@@ -121,7 +133,7 @@ def start_model_server(log_dir: Path, host: str = "127.0.0.1", port: int | None 
     with open(log_path, "wb") as out:
         process = subprocess.Popen(server_command(host, port), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_end_with_parent)
+                                   env=server_environment(), preexec_fn=_end_with_parent)
     server = ModelServer(process, host, port, log_path)
     deadline = time.monotonic() + timeout
     while True:
