@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from streamllm.realmodel import MODEL_NAME
-from tests.conftest import closed_port
+from tests.conftest import closed_port, until
 
 STREAMLLM = str(Path(sys.executable).with_name("streamllm"))
 
@@ -183,5 +183,13 @@ def test_serve_real_model_answers_with_the_real_model_and_counts_its_tokens_exac
     finally:
         srv.stop()
     url = served_at.rsplit(" at ", 1)[1].split()[0]
-    with pytest.raises(httpx.HTTPError):  # the model server ended with the gateway
-        httpx.get(f"{url}/models", timeout=2)
+
+    def model_server_gone() -> bool:
+        try:
+            httpx.get(f"{url}/models", timeout=2)
+        except httpx.HTTPError:
+            return True
+        return False
+
+    # It is told to end when the gateway exits (and takes a moment to do so).
+    until(model_server_gone, 30, "the model server to end with the gateway")

@@ -98,7 +98,7 @@ def test_keys_run_under_their_accounts_and_an_unmapped_key_under_the_default(
         assert headers["x-stream-dispatch"] == "job"
         job = job_fields(slurm_box, headers["x-stream-hpc-job"])
         seen[name] = job["Account"]
-        assert job["Comment"] == f"streamllm caller={name}", job
+        assert job["Comment"].startswith(f"streamllm caller={name} ref="), job
     assert seen == {"alice": "chem-123", "bob": "phys-7", "carol": DEFAULT_ACCOUNT,
                     "dana": "astro-9"}
 
@@ -221,8 +221,8 @@ def test_a_batch_runs_its_lines_in_a_slurm_job_charged_to_its_caller(
                   if j["JobName"] == "stream-batch-chunk"
                   and j.get("WorkDir") == str(tmp_path / "slurm")]
         assert chunks, "no batch chunk ran as a Slurm job"
-        assert all(j["Account"] == "chem-123" and j["Comment"] == "streamllm caller=alice"
-                   for j in chunks), chunks
+        assert all(j["Account"] == "chem-123" and
+                   j["Comment"].startswith("streamllm caller=alice ref=") for j in chunks), chunks
     finally:
         server.stop()
 

@@ -24,6 +24,7 @@ from streamllm.hpc.slurm import (
     batch_script,
     comment_for,
     encode_call,
+    find_by_ref,
     job_name,
     parse_job_id,
     parse_squeue,
@@ -55,7 +56,7 @@ def test_sbatch_is_told_the_callers_account_and_comment_and_the_sites_options():
                                                                  account="chem-123"), "/w")
     assert argv[0] == "sbatch" and "--parsable" in argv
     assert "--account=chem-123" in argv and "--account=stream-svc" not in argv
-    assert "--comment=streamllm caller=alice" in argv
+    assert "--comment=streamllm caller=alice" in argv  # (no reference given here)
     assert "--partition=gpu" in argv and "--time=00:10:00" in argv
     assert argv[-1] == "--gres=gpu:1"
     # No caller account: the default one; a walltime of its own wins over the plane's.
@@ -63,10 +64,14 @@ def test_sbatch_is_told_the_callers_account_and_comment_and_the_sites_options():
     assert "--account=stream-svc" in argv and "--time=0-00:10:00" in argv
 
 
-def test_a_comment_keeps_only_printable_text_and_is_bounded():
+def test_a_comment_keeps_only_printable_text_is_bounded_and_keeps_its_reference():
     assert comment_for(JobOptions(caller="eve\nrm -rf /")) == "streamllm caller=eve?rm -rf /"
-    assert len(comment_for(JobOptions(caller="x" * 500))) == 128
     assert comment_for(JobOptions()) == "streamllm"
+    long = comment_for(JobOptions(caller="x" * 500), ref="0123abcd4567")
+    assert len(long) == 128 and long.endswith("x ref=0123abcd4567")
+    listed = "7|streamllm caller=a ref=aaaaaaaaaaaa\n8|streamllm caller=b ref=0123abcd4567\n"
+    assert find_by_ref(listed, "0123abcd4567") == "8"
+    assert find_by_ref(listed, "ffffffffffff") is None
 
 
 def test_the_job_id_comes_from_sbatch_parsable_output():
@@ -141,7 +146,7 @@ def test_a_call_runs_as_a_slurm_job_and_its_result_comes_back(plane, slurm_box):
     assert result["pid"] != os.getpid()
     info = job_info(slurm_box, started.job_id)
     assert "JobName=stream-ping" in info and "Account=chem-123" in info
-    assert "Comment=streamllm caller=alice" in info and "JobState=COMPLETED" in info
+    assert "Comment=streamllm caller=alice ref=" in info and "JobState=COMPLETED" in info
     # Its files are gone once the result is in; the directory is its user's alone.
     assert not list(Path(plane.work_dir).iterdir())
     assert Path(plane.work_dir).stat().st_mode & 0o777 == 0o700
@@ -207,7 +212,30 @@ def test_through_a_login_shell_arguments_stay_whole_and_a_banner_is_ignored(slur
         assert started.future.result(timeout=60)["pid"] != os.getpid()
         comment = slurm_box.command("squeue", "-h", "--states=all",
                                     f"--jobs={started.job_id}", "-o", "%k").strip()
-        assert comment == f"streamllm caller={caller}"
+        assert comment.startswith(f"streamllm caller={caller} ref=")
         assert not list(Path("/tmp").glob("pwned-*"))
+    finally:
+        plane.shutdown()
+
+
+@pytest.mark.slurm
+def test_a_job_queued_by_an_sbatch_that_then_failed_is_followed_not_started_twice(
+        slurm_box, tmp_path):
+    """The fault a busy controller causes: the job is queued, and sbatch still fails ("Socket
+    timed out on send/recv operation"). Here a login shell runs sbatch for real and then
+    reports that failure instead of its output."""
+    login = tmp_path / "login"
+    login.write_text('#!/bin/sh\ncase "$1" in\n  sbatch*) sh -c "$1" >/dev/null; '
+                     'echo "sbatch: error: Batch job submission failed: Socket timed out on '
+                     'send/recv operation" >&2; exit 1;;\n  *) exec sh -c "$1";;\nesac\n')
+    login.chmod(0o755)
+    plane = SlurmControlPlane(SlurmSettings(poll_s=0.2, login_command=[str(login)]),
+                              str(tmp_path / "jobs"))
+    try:
+        before = set(slurm_box.command("squeue", "-h", "--states=all", "-o", "%i").split())
+        started = plane.start(ping)
+        assert started.future.result(timeout=60)["pid"] != os.getpid()
+        after = set(slurm_box.command("squeue", "-h", "--states=all", "-o", "%i").split())
+        assert after - before == {started.job_id}, "one job, the one sbatch did queue"
     finally:
         plane.shutdown()

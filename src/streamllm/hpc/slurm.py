@@ -134,16 +134,27 @@ def slurm_time(seconds: float) -> str:
     return f"{days}-{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
-def comment_for(options: JobOptions) -> str:
-    """Who a job is for, as `squeue -o %k` and `scontrol show job` will show it."""
+def comment_for(options: JobOptions, ref: str = "") -> str:
+    """Who a job is for, as `squeue -o %k` and `scontrol show job` will show it, and the
+    submission's reference (also in the gateway's log), which is never cut off."""
     text = options.comment or (f"streamllm caller={options.caller}" if options.caller
                                else "streamllm")
     printable = "".join(c if c.isprintable() else "?" for c in text)
-    return printable[:COMMENT_LIMIT]
+    tail = f" ref={ref}" if ref else ""
+    return printable[:COMMENT_LIMIT - len(tail)] + tail
+
+
+def find_by_ref(squeue_output: str, ref: str) -> str | None:
+    """The job whose comment carries `ref`, from `squeue -h -o %i|%k` lines."""
+    for line in squeue_output.splitlines():
+        job_id, _, comment = line.strip().partition("|")
+        if comment.endswith(f" ref={ref}") and job_id.isdigit():
+            return job_id
+    return None
 
 
 def sbatch_argv(settings: SlurmSettings, name: str, options: JobOptions,
-                work_dir: str) -> list[str]:
+                work_dir: str, ref: str = "") -> list[str]:
     argv = ["sbatch", "--parsable", f"--job-name={name}",
             f"--output={work_dir}/%j.out", f"--chdir={work_dir}",
             # A requeued job would run again under the same id after we settled it.
@@ -159,7 +170,7 @@ def sbatch_argv(settings: SlurmSettings, name: str, options: JobOptions,
     account = options.account or settings.account
     if account:
         argv.append(f"--account={account}")
-    argv.append(f"--comment={comment_for(options)}")
+    argv.append(f"--comment={comment_for(options, ref)}")
     return [*argv, *settings.options]
 
 
@@ -256,13 +267,20 @@ class SlurmControlPlane:
         self._write_private(call_file, encode_call(fn, args))
         script = batch_script(self.python, call_file, self._path(f"{nonce}.result.json"),
                               self.settings.setup)
+        ref = nonce[:12]
         try:
-            output = self._command(
-                sbatch_argv(self.settings, job_name(fn), options, self.work_dir), stdin=script)
+            output = self._command(sbatch_argv(self.settings, job_name(fn), options,
+                                               self.work_dir, ref), stdin=script)
             job_id = parse_job_id(output)
-        except SchedulerError:
-            self._remove(call_file)
-            raise
+        except SchedulerError as e:
+            # A busy controller can queue the job and still fail to say so ("Socket timed
+            # out"): look for it by its reference, or a retry would start a second one.
+            job_id = self._find(ref)
+            if job_id is None:
+                self._remove(call_file)
+                raise
+            log.warning("slurm: sbatch failed (%s), but job %s (ref %s) was queued: following "
+                        "it", e, job_id, ref)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # it is the scheduler's now: scancel stops it
         with self._lock:
@@ -273,8 +291,15 @@ class SlurmControlPlane:
         if stopped:  # shut down while sbatch ran: nobody would follow or cancel it
             self.cancel(job_id)
             raise SchedulerError("the slurm control plane has stopped")
-        log.debug("slurm: submitted %s as job %s", job_name(fn), job_id)
+        log.debug("slurm: submitted %s as job %s (ref %s)", job_name(fn), job_id, ref)
         return StartedJob(future, DispatchKind.JOB, job_id)
+
+    def _find(self, ref: str) -> str | None:
+        try:
+            return find_by_ref(self._command(["squeue", "--me", "-h", "--states=all",
+                                              "-o", "%i|%k"]), ref)
+        except SchedulerError:
+            return None
 
     def cancel(self, job_id: str) -> None:
         """scancel one job (its future fails once the queue says it has ended)."""
