@@ -37,17 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
-from streamllm.sim.content import prompt_tokens
-
 from overhead import (
     LOOPBACK,
     BenchError,
+    Services,
     free_port,
     save_results,
-    Services,
     streamllm_exe,
     wait_ready,
 )
+
+from streamllm.sim.content import prompt_tokens
 
 PROBE = "thanks! quick one: what's 2 + 2?"
 PROBE_TURNS = (10, 20, 30, 35, 40)
@@ -205,8 +205,8 @@ def summarise(rows: list[dict[str, Any]], conversations: int) -> dict[str, Any]:
 
 
 def report(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| mode | probes kept local | failed | requests that waited for a summary | "
-             "summary wait, first build p50 (n) | extension p50 (n) |",
+    lines = [("| mode | probes kept local | failed | requests that waited for a summary | "
+             "summary wait, first build p50 (n) | extension p50 (n) |"),
              "|---|---|---|---|---|---|"]
     def wait(stats: dict[str, Any] | None) -> str:
         if not stats:
@@ -219,8 +219,8 @@ def report(results: dict[str, dict[str, Any]]) -> str:
             f"| {mode} | {r['probes_local']}/{r['probes']} | {r['probes_failed']} | "
             f"{r['requests_that_waited_for_a_summary']} | "
             f"{wait(r['summary_ms_first_build'])} | {wait(r['summary_ms_extension'])} |")
-    lines += ["", "Prompt tokens the serving backend received at the probe turns (mean over "
-              "conversations), against the conversation's own size:", "",
+    lines += ["", ("Prompt tokens the serving backend received at the probe turns (mean over "
+              "conversations), against the conversation's own size:"), "",
               "| turn | conversation | " + " | ".join(results) + " |",
               "|---|---|" + "---|" * len(results)]
     first = next(iter(results.values()))

@@ -42,14 +42,14 @@ from typing import Any
 from overhead import (
     LOOPBACK,
     BenchError,
+    Services,
+    Target,
     free_port,
     open_clients,
     percentile,
     run_batch,
     save_results,
-    Services,
     streamllm_exe,
-    Target,
     wait_ready,
 )
 

@@ -33,9 +33,9 @@ from typing import Any
 from overhead import (
     LOOPBACK,
     REPO,
+    Services,
     free_port,
     save_results,
-    Services,
     streamllm_exe,
     wait_ready,
 )
@@ -137,8 +137,8 @@ async def run(args: argparse.Namespace, sim_url: str) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> str:
-    lines = ["| judge | macro-F1 | accuracy | HIGH recall | cost leak | free-tier retention "
-             "| latency p50 | p95 | p99 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| judge | macro-F1 | accuracy | HIGH recall | cost leak | free-tier retention "
+             "| latency p50 | p95 | p99 |"), "|---|---|---|---|---|---|---|---|---|"]
     for name in ("classifier", "length-only"):
         e = r[name]
         lat = e["latency_ms"]

@@ -39,16 +39,16 @@ from overhead import (
     LOOPBACK,
     SIM_MODEL,
     BenchError,
+    Services,
+    Target,
     free_port,
     group_cpu,
     open_clients,
     percentile,
     run_batch,
     save_results,
-    Services,
     start_simulator,
     streamllm_exe,
-    Target,
     wait_ready,
 )
 
@@ -152,8 +152,8 @@ def summarise(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| target | conc. | n | TTFT p50 | TTFT p95 | req/s | Δ TTFT p50 vs direct | "
-             "req/s vs direct | gateway CPU/req |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| target | conc. | n | TTFT p50 | TTFT p95 | req/s | Δ TTFT p50 vs direct | "
+             "req/s vs direct | gateway CPU/req |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cpu = f"{r['gateway_cpu_ms_per_req']:.2f} ms" if r["gateway_cpu_ms_per_req"] else "—"
         delta = "—" if r["target"] == "direct" else f"{r['delta_ttft_p50']:+.2f} ms"

@@ -53,7 +53,6 @@ import resource
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -66,7 +65,6 @@ from typing import Any
 # Process handling, readiness checks and statistics are shared with the gateway benchmark.
 from overhead import (
     LOOPBACK,
-    REPO,
     RESULTS_DIR,
     BenchError,
     Service,
@@ -177,7 +175,7 @@ class OtherLoad:
     def __init__(self, workdir: Path):
         self._marker = str(workdir)
 
-    def start(self) -> "OtherLoad":
+    def start(self) -> OtherLoad:
         self._t, self._busy = time.monotonic(), _busy_seconds()
         self._ours = _tree_seconds(os.getpid(), self._marker)
         self.cores: float | None = None
@@ -1009,26 +1007,26 @@ def report_requests(summary: dict[str, Any], crypto: dict[str, float] | None) ->
     s = summary
     t, d = s["ttft"], s["dispatch"]
     lines = [
-        "| path | n | TTFT p50 | TTFT p95 | dispatch p50 | dispatch p95 | TTFT − dispatch p50 "
-        "| TTFT − dispatch p95 |",
+        ("| path | n | TTFT p50 | TTFT p95 | dispatch p50 | dispatch p95 | TTFT − dispatch p50 "
+        "| TTFT − dispatch p95 |"),
         "|---|---|---|---|---|---|---|---|",
-        f"| direct | {t['direct']['n']} | {_f(t['direct']['p50'])} | {_f(t['direct']['p95'])} "
-        "| — | — | — | — |",
-        f"| relay | {t['relay']['n']} | {_f(t['relay']['p50'])} | {_f(t['relay']['p95'])} | "
+        (f"| direct | {t['direct']['n']} | {_f(t['direct']['p50'])} | {_f(t['direct']['p95'])} "
+        "| — | — | — | — |"),
+        (f"| relay | {t['relay']['n']} | {_f(t['relay']['p50'])} | {_f(t['relay']['p95'])} | "
         f"{_f(d['relay']['p50'])} | {_f(d['relay']['p95'])} | "
-        f"{_f(s['relay_beyond_dispatch']['p50'])} | {_f(s['relay_beyond_dispatch']['p95'])} |",
-        f"| batch | {t['batch']['n']} | {_f(t['batch']['p50'], 0)} | {_f(t['batch']['p95'], 0)} "
-        f"| {_f(d['batch']['p50'])} | {_f(d['batch']['p95'])} | — | — |",
-        f"| Parsl dispatch alone (to worker / round trip) | {d['trivial_to_worker']['n']} | — "
+        f"{_f(s['relay_beyond_dispatch']['p50'])} | {_f(s['relay_beyond_dispatch']['p95'])} |"),
+        (f"| batch | {t['batch']['n']} | {_f(t['batch']['p50'], 0)} | {_f(t['batch']['p95'], 0)} "
+        f"| {_f(d['batch']['p50'])} | {_f(d['batch']['p95'])} | — | — |"),
+        (f"| Parsl dispatch alone (to worker / round trip) | {d['trivial_to_worker']['n']} | — "
         f"| — | {_f(d['trivial_to_worker']['p50'])} / {_f(d['trivial_round_trip']['p50'])} | "
-        f"{_f(d['trivial_to_worker']['p95'])} / {_f(d['trivial_round_trip']['p95'])} | — | — |",
+        f"{_f(d['trivial_to_worker']['p95'])} / {_f(d['trivial_round_trip']['p95'])} | — | — |"),
         "",
-        "(ms; TTFT = request started → first content token at the client; dispatch = "
-        "control-plane submit → run_completion started on the worker)",
+        ("(ms; TTFT = request started → first content token at the client; dispatch = "
+        "control-plane submit → run_completion started on the worker)"),
         "",
-        f"batch / relay TTFT p50: {s['batch_over_relay']:.1f}×; relay − direct TTFT p50: "
+        (f"batch / relay TTFT p50: {s['batch_over_relay']:.1f}×; relay − direct TTFT p50: "
         f"{s['relay_overhead_total_p50_ms']:+.2f} ms; relay beyond dispatch − direct, p50: "
-        f"{s['relay_overhead_beyond_dispatch_p50_ms']:+.2f} ms",
+        f"{s['relay_overhead_beyond_dispatch_p50_ms']:+.2f} ms"),
         "",
         "Relay request, p50 of each part (ms): "
         + ", ".join(f"{k.replace('_', ' ')} {_f(v['p50'])}"
@@ -1039,12 +1037,12 @@ def report_requests(summary: dict[str, Any], crypto: dict[str, float] | None) ->
         "Direct request, p50 (ms): "
         + ", ".join(f"{k.replace('_', ' ')} {_f(v['p50'])}"
                     for k, v in s["parts_p50_ms"]["direct"].items()),
-        f"Producer's relay dial inside the job (relay − batch, worker start → first backend "
-        f"chunk, p50): {s['producer_dial_p50_ms']:+.2f} ms",
-        f"Relay + encryption alone (that dial + the first chunk's trip worker → gateway): "
+        (f"Producer's relay dial inside the job (relay − batch, worker start → first backend "
+        f"chunk, p50): {s['producer_dial_p50_ms']:+.2f} ms"),
+        (f"Relay + encryption alone (that dial + the first chunk's trip worker → gateway): "
         f"{s['relay_and_crypto_p50_ms']:.2f} ms; the worker's own backend call against the "
         f"gateway's (batch worker start → first chunk − direct first chunk, p50): "
-        f"{s['worker_backend_call_vs_direct_p50_ms']:+.2f} ms",
+        f"{s['worker_backend_call_vs_direct_p50_ms']:+.2f} ms"),
         f"Relay streams finished from the job's result (healed): {s.get('relay_streams_healed')}",
         "",
     ]
@@ -1061,10 +1059,10 @@ def report_requests(summary: dict[str, Any], crypto: dict[str, float] | None) ->
                      f"{_f(r['gap_max_ms'])} | {cut} |")
     lines += [
         "",
-        f"(ms per token = first → last content token / (tokens − 1); paced schedule "
-        f"{tok['schedule_ms']:.1f} ms; `-fast`: no pacing)",
-        f"relay adds {tok['paced_added_ms']:+.3f} ms per token paced, "
-        f"{tok['fast_added_ms']:+.3f} ms per token unpaced",
+        (f"(ms per token = first → last content token / (tokens − 1); paced schedule "
+        f"{tok['schedule_ms']:.1f} ms; `-fast`: no pacing)"),
+        (f"relay adds {tok['paced_added_ms']:+.3f} ms per token paced, "
+        f"{tok['fast_added_ms']:+.3f} ms per token unpaced"),
     ]
     if crypto:
         lines.append(
@@ -1083,33 +1081,33 @@ def report_capacity(c: dict[str, Any]) -> str:
         "",
         "| measure | result |",
         "|---|---|",
-        f"| one frame, seal → relay → open + parse, idle relay | p50 {lat['p50_ms']:.3f} ms, "
-        f"p95 {lat['p95_ms']:.3f} ms ({lat['frames']} frames) |",
-        f"| frames (= tokens) per second, {st['channels']} long-lived channels | "
+        (f"| one frame, seal → relay → open + parse, idle relay | p50 {lat['p50_ms']:.3f} ms, "
+        f"p95 {lat['p95_ms']:.3f} ms ({lat['frames']} frames) |"),
+        (f"| frames (= tokens) per second, {st['channels']} long-lived channels | "
         f"{st['frames_per_s']:,.0f} with the relay at {st['relay_cores']:.2f} cores "
         f"(load generator {st['generator_cores']:.2f}) → "
-        f"{st['frames_per_s'] / max(st['relay_cores'], 1e-9):,.0f} per busy relay core |",
+        f"{st['frames_per_s'] / max(st['relay_cores'], 1e-9):,.0f} per busy relay core |"),
         f"| relay CPU per frame | {1e6 * st['relay_cores'] / st['frames_per_s']:.1f} µs |",
-        f"| whole {sm['tokens']}-token answers, {sm['concurrency']} at a time, new "
+        (f"| whole {sm['tokens']}-token answers, {sm['concurrency']} at a time, new "
         f"channel each | {sm['streams_per_s']:,.1f} streams/s = {sm['tokens_per_s']:,.0f} "
         f"tokens/s, relay at {sm['relay_cores']:.2f} cores"
-        f"{' (prepared streams ran out: a lower bound)' if sm['pool_ran_out'] else ''} |",
-        f"| the same on a relay that has just held {h['channels']} channels "
+        f"{' (prepared streams ran out: a lower bound)' if sm['pool_ran_out'] else ''} |"),
+        (f"| the same on a relay that has just held {h['channels']} channels "
         f"({c['streams_after_hold']['tokens_remembered_before']} tokens remembered) | "
         f"{c['streams_after_hold']['streams_per_s']:,.1f} streams/s = "
         f"{c['streams_after_hold']['tokens_per_s']:,.0f} tokens/s, relay at "
-        f"{c['streams_after_hold']['relay_cores']:.2f} cores |",
-        f"| channels held at once | {h['alive']} of {h['channels']} alive "
+        f"{c['streams_after_hold']['relay_cores']:.2f} cores |"),
+        (f"| channels held at once | {h['alive']} of {h['channels']} alive "
         f"({h['held_per_relay_health']} per the relay's /health), opened at "
-        f"{h['opened_per_s']:,.0f}/s |",
-        f"| set-up rate by tenth of the channels | "
-        f"{', '.join(str(r) for r in h['opened_per_s_by_tenth'])} per s |",
-        f"| relay RSS per idle channel (producer + consumer) | "
+        f"{h['opened_per_s']:,.0f}/s |"),
+        (f"| set-up rate by tenth of the channels | "
+        f"{', '.join(str(r) for r in h['opened_per_s_by_tenth'])} per s |"),
+        (f"| relay RSS per idle channel (producer + consumer) | "
         f"{h['rss_per_channel_kib']:.1f} KiB on average ({h['rss_before_kib'] / 1024:.1f} → "
         f"{h['rss_held_kib'] / 1024:.1f} MiB), {h['rss_per_channel_second_half_kib']:.1f} KiB "
-        f"over the second half |",
-        f"| extra RSS per channel holding a {h['answer_tokens']}-token answer | "
-        f"{_f(h['rss_per_answer_kib'], 1)} KiB ({h['answers']} channels) |",
+        f"over the second half |"),
+        (f"| extra RSS per channel holding a {h['answer_tokens']}-token answer | "
+        f"{_f(h['rss_per_answer_kib'], 1)} KiB ({h['answers']} channels) |"),
     ]
     return "\n".join(lines)
 
@@ -1120,12 +1118,12 @@ def verdicts(summary: dict[str, Any]) -> list[tuple[str, bool]]:
     paced = summary["per_token"]["paced_added_ms"]
     alone = summary["relay_and_crypto_p50_ms"]
     return [
-        (f"the relay path adds {over:+.2f} ms to TTFT p50 beyond control-plane dispatch, "
-         "against direct (target ≤ 3 ms)", over <= 3.0),
+        ((f"the relay path adds {over:+.2f} ms to TTFT p50 beyond control-plane dispatch, "
+         "against direct (target ≤ 3 ms)"), over <= 3.0),
         (f"of which the relay and encryption themselves {alone:.2f} ms (target ≤ 3 ms)",
          alone <= 3.0),
-        (f"relay path adds {tok:+.3f} ms per token unpaced, {paced:+.3f} ms paced "
-         "(target ≤ 0.2 ms)", max(tok, paced) <= 0.2),
+        ((f"relay path adds {tok:+.3f} ms per token unpaced, {paced:+.3f} ms paced "
+         "(target ≤ 0.2 ms)"), max(tok, paced) <= 0.2),
     ]
 
 
@@ -1205,7 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_requests:
             sim = start_simulator(services, args.ttft_ms, args.rate, args.tokens)
             secret = secrets.token_hex(32)
-            relay_svc, relay_url = start_relay(services, "relay", secret)
+            _relay_svc, relay_url = start_relay(services, "relay", secret)
             print(f"[bench] simulator {sim}, relay {relay_url}", flush=True)
             try:
                 import uvloop  # the gateway runs on uvloop (uvicorn picks it); so does this part

@@ -371,8 +371,8 @@ def test_files_round_trip_and_an_upload_over_the_limit_is_refused(deployment, tm
                          headers={"authorization": f"Bearer {ALICE}",
                                   "content-type": "multipart/form-data; boundary=b"},
                          content=iter([  # well-formed up to its size: the size is its only fault
-                             b'--b\r\ncontent-disposition: form-data; name="file"; '
-                             b'filename="big.jsonl"\r\n\r\n', b"x" * 100_000]))
+                             (b'--b\r\ncontent-disposition: form-data; name="file"; '
+                             b'filename="big.jsonl"\r\n\r\n'), b"x" * 100_000]))
     assert chunked.status_code == 413
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("a.jsonl", b"{}"), purpose="fine-tune")

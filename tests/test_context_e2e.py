@@ -142,7 +142,7 @@ def test_a_summary_can_be_fetched_and_survives_a_restart(cluster):
 
 
 def test_planted_facts_survive_when_the_summarizer_model_is_unavailable(cluster):
-    sims, start = cluster
+    _sims, start = cluster
     # The summarizing model does not exist: the extractive summarizer must keep the facts.
     gateway = start(summarizer={"model": "no-such-model"})
     client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
@@ -189,7 +189,7 @@ def test_a_high_query_goes_to_a_tier_that_holds_the_whole_conversation(cluster):
 
 
 def test_the_next_turns_summary_is_prepared_in_the_background(cluster):
-    sims, start = cluster
+    _sims, start = cluster
     gateway = start()
     client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
     history = [{"role": "system", "content": "You help a research computing group."}]

@@ -56,7 +56,7 @@ def test_older_turns_are_summarised_and_recent_ones_kept_word_for_word():
 
 def test_the_next_turns_reuse_the_stored_summary_until_it_no_longer_leaves_room():
     messages = chat(41)
-    first, counter = plan(messages)
+    first, _counter = plan(messages)
     cached = {first.boundary: 100}
     needed_again = 0
     for extra in range(2, 30, 2):

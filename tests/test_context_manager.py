@@ -74,7 +74,7 @@ async def test_racing_requests_write_one_summary(parts):
 
 
 async def test_a_failing_summarizer_falls_back_to_the_extractive_summary(parts):
-    sim, manager = await parts(window=32000, error_rate=1.0)
+    _sim, manager = await parts(window=32000, error_rate=1.0)
     outcome = await manager.fit(long_chat(41), "local", "m", 3000, None, None)
     assert outcome.summary_method == "extractive"
     record = await manager.summary(outcome.summary_id, None)

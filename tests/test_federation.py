@@ -275,7 +275,7 @@ def test_a_retry_with_the_same_idempotency_key_joins_the_job_on_the_same_cluster
 
 def test_a_cluster_whose_relay_dies_is_avoided(federation):
     # Last in this module: alpha stays without its relay.
-    gw, sims = federation
+    gw, _sims = federation
     alpha = gw.cluster("alpha")
     on_loop(gw.server, alpha.relay.stop())
     on_loop(gw.server, gw.runtime.probe_all())
@@ -356,7 +356,7 @@ def test_streams_go_to_a_warm_agent_and_survive_its_replacement(tmp_path):
     with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 6},
         {"min_warm": 1, "max": 2, "max_concurrency": 4, "walltime_s": 8, "replace_before_s": 5},
-        {"answer_tokens": 30, "tokens_per_s": 30}) as (gw, sim, pool, first):
+        {"answer_tokens": 30, "tokens_per_s": 30}) as (gw, _sim, pool, first):
         results = []
 
         def one(i: int) -> tuple[str, str]:
@@ -383,7 +383,7 @@ def test_a_batch_runs_its_chunks_on_a_warm_agent(tmp_path):
     with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 2},
         {"min_warm": 1, "max": 1, "max_concurrency": 8},
-        {"answer_tokens": 9}) as (gw, sim, pool, agent):
+        {"answer_tokens": 9}) as (gw, sim, _pool, agent):
         sdk = client(gw.url)
         batch = wait_batch(sdk, start_batch(sdk, chat_lines("hpc/m", "a", "agent line", 120)).id)
         assert_every_line_answered(sdk, batch, "a", "agent line", 120, tokens=9)
@@ -424,7 +424,7 @@ def test_a_batch_chunk_on_an_agent_killed_midway_is_finished_elsewhere(tmp_path)
         tmp_path, {"control_plane": "local", "local_workers": 3},
         {"min_warm": 1, "max": 1, "max_concurrency": 8},
         {"answer_tokens": 6, "tokens_per_s": 12},  # half a second a line
-    ) as (gw, sim, pool, victim):
+    ) as (gw, sim, _pool, victim):
         sdk = client(gw.url)
         batch = start_batch(sdk, chat_lines("hpc/m", "k", "killed line", 40))
         until(lambda: sum(r.outcome == "completed" for r in sim.requests_for("m")) >= 8, 60,
@@ -443,7 +443,7 @@ def test_agents_scale_up_under_a_burst_and_down_when_idle(tmp_path):
         tmp_path, {"control_plane": "local", "local_workers": 8},
         {"min_warm": 1, "max": 3, "max_concurrency": 2, "idle_timeout_s": 1,
          "walltime_s": 600, "replace_before_s": 60},
-        {"answer_tokens": 40, "tokens_per_s": 20}) as (gw, sim, pool, _):
+        {"answer_tokens": 40, "tokens_per_s": 20}) as (gw, _sim, pool, _):
 
         def one(i: int) -> str:
             messages = ask(f"burst {i}")
@@ -465,7 +465,7 @@ def test_a_killed_agent_is_replaced_and_requests_still_complete(tmp_path):
         tmp_path, {"control_plane": "parsl", "parsl": {"max_workers": 4, "heartbeat_s": 1}},
         {"min_warm": 1, "max": 1, "max_concurrency": 8, "walltime_s": 600,
          "replace_before_s": 60},
-        {"answer_tokens": 10}) as (gw, sim, pool, victim):
+        {"answer_tokens": 10}) as (gw, _sim, pool, victim):
         os.kill(victim.pid, signal.SIGKILL)
         until(lambda: victim.phase == "gone", 30, "the gateway to notice")
         # Meanwhile requests are jobs of their own; then a new agent takes over.
@@ -485,7 +485,7 @@ def test_an_agent_that_falls_silent_and_wakes_up_comes_back_on_its_next_channel(
     with agent_gateway(
         tmp_path, {"control_plane": "local", "local_workers": 3},
         {"min_warm": 1, "max": 1, "walltime_s": 600, "replace_before_s": 60},
-        {"answer_tokens": 10}) as (gw, sim, pool, agent):
+        {"answer_tokens": 10}) as (gw, _sim, pool, agent):
         os.kill(agent.pid, signal.SIGSTOP)
         try:
             until(lambda: agent.phase == "reconnecting", 30, "the gateway to notice the silence")

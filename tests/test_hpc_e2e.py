@@ -340,7 +340,7 @@ def test_relay_process_killed_mid_stream_the_client_still_gets_every_token_once(
 
 
 def test_batch_transport_answers_from_the_control_plane_result_alone(cluster, tmp_path):
-    vllm, cluster_url, cloud_url = cluster
+    _vllm, cluster_url, cloud_url = cluster
     settings = gateway_settings(tmp_path, cluster_url, cloud_url, control_plane="local",
                                 transport="batch")
     app = create_app(settings)
@@ -374,7 +374,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())

@@ -52,8 +52,8 @@ def test_dataset_is_large_balanced_and_spans_the_domains(dataset):
 
 def test_no_question_form_gives_the_label_away(dataset):
     train, held = dataset
-    yes_no = re.compile(r"^(is|are|does|do|can|should|could|would|will|was|were|did)\b", re.I)
-    what_is = re.compile(r"\bwhat(?: is|'s| are)\b", re.I)
+    yes_no = re.compile(r"^(is|are|does|do|can|should|could|would|will|was|were|did)\b", re.IGNORECASE)
+    what_is = re.compile(r"\bwhat(?: is|'s| are)\b", re.IGNORECASE)
     for form in (yes_no, what_is):
         by_label = Counter(ex.label for ex in train + held if form.search(ex.text))
         assert min(by_label[lb] for lb in ("LOW", "MEDIUM", "HIGH")) >= 50, (form, by_label)
@@ -63,7 +63,7 @@ def test_the_held_out_split_never_reaches_training(dataset):
     train, held = dataset
     assert not {ex.text for ex in train} & {ex.text for ex in held}
     # The split is a pure function of the data: recomputing it gives the committed files.
-    again_train, again_held = split(train + held)
+    _again_train, again_held = split(train + held)
     assert {ex.text for ex in again_held} == {ex.text for ex in held}
     assert load_model().meta["trained_on"] == len(train)
 

@@ -278,9 +278,8 @@ def test_serving_beyond_loopback_needs_a_key_and_starts_with_a_stored_one(server
 def test_institutional_login_by_token_introspection(start_sim, start_gateway, monkeypatch):
     import time
 
-    from tests.test_introspection import CLIENT_ID, CLIENT_SECRET, double_app
-
     from streamllm.serving import ServerThread
+    from tests.test_introspection import CLIENT_ID, CLIENT_SECRET, double_app
 
     answers: dict = {}
     seen: list = []

@@ -261,11 +261,11 @@ ORDINARY = [
     "max_tokens=4096, temperature=0.7, top_p=0.95, num_tokens: 1234567890123",
     "headers = {'Authorization': f'Bearer {api_key}'}",
     "from huggingface_hub import hf_hub_download; hf_hub_download(repo_id='org/model')",
-    "-----BEGIN CERTIFICATE-----\nMIIDdzCCAl+gAwIBAgIEAgAAuTANBgkqhkiG9w0BAQUFADBa\n"
-    "-----END CERTIFICATE-----",
+    ("-----BEGIN CERTIFICATE-----\nMIIDdzCCAl+gAwIBAgIEAgAAuTANBgkqhkiG9w0BAQUFADBa\n"
+    "-----END CERTIFICATE-----"),
     "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----",
-    "Paste ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl into"
-    " authorized_keys.",
+    ("Paste ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl into"
+    " authorized_keys."),
     "LD_LIBRARY_PATH=/opt/cray/pe/lib64:/usr/lib64 and secret_path: /run/secrets/db",
     "Use sk-learn-style estimators or the scikit-learn API; task-specific heads help.",
     "GitHub tokens start with ghp_ and AWS key ids with AKIA; never paste them here.",

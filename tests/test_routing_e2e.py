@@ -137,7 +137,7 @@ def test_stall_before_first_token_falls_back_after_first_token_timeout(three_tie
         sims={"local": {"stall_after": 0, "stall_s": 30}},
         tiers={"local": {"timeouts": {"first_token": 0.3}}},
     )
-    text, headers = stream_text(sdk(t), model="auto", messages=HELLO)
+    _text, headers = stream_text(sdk(t), model="auto", messages=HELLO)
     assert headers["x-stream-tier"] == "hpc"
     assert t.local.sim.wait_until(lambda log: log[0].outcome == "cancelled")
 

@@ -10,6 +10,7 @@ from streamllm.errors import CloudNotAllowed, ContextTooLong, ModelNotFound
 from streamllm.routing.budget import SpendLedger, cost_usd, effective_high_threshold
 from streamllm.routing.judge import Judgement
 from streamllm.routing.policy import RequestFacts, RoutingPolicy, level_for
+import itertools
 
 CATALOGUE = {"local": ["llama"], "hpc": ["big", "bigger"], "cloud": ["gpt"]}
 
@@ -87,8 +88,8 @@ def test_a_spent_budget_keeps_high_queries_off_the_cloud():
 def test_budget_threshold_rises_smoothly_from_the_soft_start():
     values = [effective_high_threshold(0.5, spent, 100.0, 0.5) for spent in range(0, 101, 5)]
     assert values[:11] == [0.5] * 11, "nothing changes before half the budget is spent"
-    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
-    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    assert all(a <= b for a, b in itertools.pairwise(values))
+    steps = [b - a for a, b in itertools.pairwise(values)]
     assert max(steps) < 0.1, "no jump"
     assert values[-1] > 1.0, "a spent budget sends nothing to the cloud by the judge's choice"
     assert effective_high_threshold(0.5, 1e9, None, 0.5) == 0.5

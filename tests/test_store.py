@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
 
+from streamllm.gateway import accounting
 from streamllm.store import (
     Store,
     StoreConfigError,
@@ -26,7 +27,6 @@ from streamllm.store import (
     db,
     default_url,
 )
-from streamllm.gateway import accounting
 from streamllm.store import usage as ledger
 from streamllm.store.tables import metadata
 from streamllm.store.usage import UsageRow

@@ -361,10 +361,10 @@ async def test_an_agent_back_from_a_lost_connection_settles_what_never_reached_i
     import json
 
     from streamllm.config import AgentSettings
+    from streamllm.errors import RelayError
     from streamllm.hpc.agent import epoch_channel, epoch_key
     from streamllm.relay.crypto import Opener, new_key
     from streamllm.relay.frames import Direction
-    from streamllm.errors import RelayError
     from streamllm.tiers.agents import Agent, AgentLost, AgentPool
 
     class Link:

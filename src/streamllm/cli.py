@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
 import yaml
 
+from streamllm.cluster_cli import cluster_app
 from streamllm.config import ServerSettings, Settings, SimSettings, load_settings
 from streamllm.errors import ConfigError
-from streamllm.cluster_cli import cluster_app
 from streamllm.judge_cli import judge_app
 from streamllm.keys_cli import keys_app
 
@@ -32,7 +31,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML configuration file (else $STREAMLLM_CONFIG)."),
 ]
 
@@ -69,8 +68,8 @@ def _is_loopback(host: str) -> bool:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     config: ConfigOption = None,
     real_model: Annotated[bool, typer.Option(
         "--real-model", help="Serve the local tier from a real small model (SmolLM2-135M, the "
@@ -161,10 +160,10 @@ def sim(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8001,
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="YAML with the simulator's models.")
+        Path | None, typer.Option("--config", "-c", help="YAML with the simulator's models.")
     ] = None,
     model: Annotated[
-        Optional[list[str]], typer.Option(help="Serve this model name (repeatable).")
+        list[str] | None, typer.Option(help="Serve this model name (repeatable).")
     ] = None,
     ttft_ms: Annotated[float, typer.Option(help="Time to first token, ms.")] = 0.0,
     tokens_per_s: Annotated[float, typer.Option(help="Token rate (0 = unlimited).")] = 0.0,
@@ -201,10 +200,10 @@ def sim(
 def relay(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM).")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     secret_file: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="File holding the token secret shared with the gateway "
                           "(else $STREAMLLM_RELAY_SECRET)."),
     ] = None,

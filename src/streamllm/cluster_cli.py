@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ def _templates() -> list[Path]:
 
 @cluster_app.command()
 def templates(
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="Copy the templates into this directory (it is created; existing files are "
              "kept unless --force).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite files already in --out.")] = False,

@@ -138,7 +138,7 @@ class AgentSettings(_Strict):
     reconnect_s: Seconds = 120.0
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AgentSettings":
+    def _bounds(self) -> AgentSettings:
         if self.min_warm > self.max:
             raise ValueError("agents.min_warm cannot exceed agents.max")
         if self.replace_before_s >= self.walltime_s:
@@ -173,7 +173,7 @@ class HPCSettings(_Strict):
     cold_start_wait_s: Seconds = 900.0
 
     @model_validator(mode="after")
-    def _complete(self) -> "HPCSettings":
+    def _complete(self) -> HPCSettings:
         if self.control_plane == "globus" and not self.globus.endpoint_id:
             raise ValueError("control_plane: globus needs globus.endpoint_id")
         if self.accounts and self.control_plane != "slurm":
@@ -242,7 +242,7 @@ class TierSettings(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _needs_url(self) -> "TierSettings":
+    def _needs_url(self) -> TierSettings:
         if self.kind not in ("simulator", "hpc") and not self.base_url:
             raise ValueError(f"kind '{self.kind}' needs a base_url")
         if self.hpc is not None and self.kind != "hpc":
@@ -256,7 +256,7 @@ class TierSettings(_Strict):
                                              for m in c.models))
         return self
 
-    def cluster_settings(self) -> dict[str, "ClusterSettings"]:
+    def cluster_settings(self) -> dict[str, ClusterSettings]:
         """The clusters behind a kind hpc tier: as configured, or the one `hpc` section."""
         if self.clusters:
             return dict(self.clusters)
@@ -308,7 +308,7 @@ class PrivacySettings(_Strict):
     patterns: dict[str, str] = Field(default_factory=dict)  # name -> regular expression
 
     @model_validator(mode="after")
-    def _patterns_compile(self) -> "PrivacySettings":
+    def _patterns_compile(self) -> PrivacySettings:
         for name, pattern in self.patterns.items():
             try:
                 re.compile(pattern)
@@ -359,7 +359,7 @@ class RoutingSettings(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _complete_chains(self) -> "RoutingSettings":
+    def _complete_chains(self) -> RoutingSettings:
         for level in COMPLEXITIES:
             chain = self.fallback.get(level)
             if chain is not None and len(set(chain)) != len(chain):
@@ -502,7 +502,7 @@ class Settings(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict)  # name -> tier or tier/model
 
     @model_validator(mode="after")
-    def _aliases_resolve(self) -> "Settings":
+    def _aliases_resolve(self) -> Settings:
         for start in self.aliases:
             seen, name = [start], self.aliases[start]
             while name in self.aliases:
@@ -513,7 +513,7 @@ class Settings(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _apply_profile(self) -> "Settings":
+    def _apply_profile(self) -> Settings:
         # HPC-as-API: the cluster alone behind the OpenAI API; nothing may fall back elsewhere.
         if self.server.profile == "hpc-as-api":
             for other in ("local", "cloud"):

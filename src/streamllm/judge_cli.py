@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -21,15 +21,15 @@ judge_app = typer.Typer(
 
 JudgeKind = Annotated[str, typer.Option("--judge", help="classifier, llm or cascade.")]
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML configuration file (else $STREAMLLM_CONFIG)."),
 ]
 BaseUrlOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(help="llm/cascade: an OpenAI-compatible server to ask (else the configured "
                       "tier of routing.judge.llm)."),
 ]
-ModelOption = Annotated[Optional[str], typer.Option(help="llm/cascade: the model to ask.")]
+ModelOption = Annotated[str | None, typer.Option(help="llm/cascade: the model to ask.")]
 DEFAULT_TRAIN = Path("datasets/complexity/train.jsonl")
 
 
@@ -42,16 +42,15 @@ def _fail(message: str) -> None:
 def train(
     data: Annotated[Path, typer.Option(help="Labelled JSON Lines (text, ground_truth, "
                                             "domain).")] = DEFAULT_TRAIN,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the model (default: the "
+    out: Annotated[Path | None, typer.Option(help="Where to write the model (default: the "
                                                       "one shipped in the package).")] = None,
     cross_validate: Annotated[bool, typer.Option(
         "--cv/--no-cv", help="Also report leave-one-domain-out cross-validation.")] = True,
 ) -> None:
     """Train the classifier on DATA and write it; prints a JSON summary."""
     from streamllm.routing.judge.classifier import default_model_path
-    from streamllm.routing.judge.train import Params, load_examples
+    from streamllm.routing.judge.train import Params, load_examples, train_classifier
     from streamllm.routing.judge.train import cross_validate as run_cv
-    from streamllm.routing.judge.train import train_classifier
 
     try:
         examples = load_examples(data)
@@ -73,8 +72,8 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
-def _judge_for(kind: str, config: Optional[Path], base_url: Optional[str],
-               model: Optional[str]) -> tuple[Any, Any]:
+def _judge_for(kind: str, config: Path | None, base_url: str | None,
+               model: str | None) -> tuple[Any, Any]:
     """The judge to evaluate (no cache: every query is judged), and what to close after."""
     from streamllm.routing.judge import build_judge
     from streamllm.tiers import OpenAIHTTPBackend
@@ -115,7 +114,7 @@ def evaluate_cmd(
     config: ConfigOption = None,
     base_url: BaseUrlOption = None,
     model: ModelOption = None,
-    high_threshold: Annotated[Optional[float], typer.Option(
+    high_threshold: Annotated[float | None, typer.Option(
         help="P(HIGH) needed for HIGH (default routing.high_threshold).")] = None,
 ) -> None:
     """Score a judge on a labelled dataset; prints one JSON object."""

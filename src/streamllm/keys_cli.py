@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ keys_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="API keys kept in STREAM's store (the server's database).")
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML configuration file (else $STREAMLLM_CONFIG)."),
 ]
 
@@ -29,7 +29,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-async def _open(config: Optional[Path]) -> Store:
+async def _open(config: Path | None) -> Store:
     try:
         settings = load_settings(config)
     except ConfigError as e:
@@ -45,12 +45,12 @@ async def _open(config: Optional[Path]) -> Store:
 @keys_app.command()
 def create(
     name: Annotated[str, typer.Option("--name", help="Who the key is for (shown in usage).")],
-    budget_usd: Annotated[Optional[float], typer.Option(
+    budget_usd: Annotated[float | None, typer.Option(
         help="Monthly spending limit in USD (calendar month, UTC).")] = None,
-    allow_tiers: Annotated[Optional[str], typer.Option(
+    allow_tiers: Annotated[str | None, typer.Option(
         help="Comma-separated tiers the key may use, e.g. local,hpc (default: all).")] = None,
-    rpm: Annotated[Optional[int], typer.Option(help="Requests per minute.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    concurrency: Annotated[int | None, typer.Option(
         help="Requests in progress at once.")] = None,
     admin: Annotated[bool, typer.Option(help="May see everyone's usage.")] = False,
     config: ConfigOption = None,

@@ -84,7 +84,7 @@ class ServerThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         """Start serving; return once the app's startup has finished (or failed)."""
         self._thread.start()
         while not self.server.ready.wait(0.05):
@@ -104,10 +104,10 @@ class ServerThread:
             self._thread.join(timeout=10)
         self.sock.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -124,7 +124,7 @@ class ServerTask:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "ServerTask":
+    def start(self) -> ServerTask:
         uvicorn_log = logging.getLogger("uvicorn.error")
         if _quiet not in uvicorn_log.filters:
             uvicorn_log.addFilter(_quiet)

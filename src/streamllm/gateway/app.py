@@ -19,14 +19,14 @@ from streamllm.config import TIERS, Settings
 from streamllm.errors import ConfigError, ModelNotFound, NotFound
 from streamllm.gateway import errors
 from streamllm.gateway.auth import Authenticator, AuthMiddleware
-from streamllm.gateway.introspection import IntrospectionSettings, TokenIntrospector
-from streamllm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from streamllm.gateway.ui_routes import static_files, ui_router
-from streamllm.gateway.usage_routes import usage_router
 from streamllm.gateway.batch_routes import batch_router
 from streamllm.gateway.chat import ChatHandler
+from streamllm.gateway.introspection import IntrospectionSettings, TokenIntrospector
+from streamllm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamllm.gateway.middleware import RequestContext
 from streamllm.gateway.runtime import Runtime, preflight
+from streamllm.gateway.ui_routes import static_files, ui_router
+from streamllm.gateway.usage_routes import usage_router
 from streamllm.protocol.models import ModelCard, ModelList
 from streamllm.store.keys import keys_were_made
 from streamllm.tiers.federation import FederatedHPCBackend

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from streamllm.caller import Caller
+from streamllm.context.manager import Outcome
 from streamllm.context.tokens import estimate_messages
 from streamllm.errors import (
     BackendFailed,
@@ -38,7 +39,6 @@ from streamllm.gateway.runtime import Runtime
 from streamllm.gateway.ticket import Ticket
 from streamllm.protocol.chat import ChatCompletionRequest
 from streamllm.protocol.sse import DONE, encode
-from streamllm.context.manager import Outcome
 from streamllm.routing.policy import Candidate, RequestFacts, Route
 from streamllm.tiers.adapt import backend_body
 from streamllm.tiers.base import WAITING, Chunk, Dispatch, is_waiting_note

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 # Time to first token spans a local model's tens of ms to a cold HPC job's minutes.
@@ -52,10 +52,10 @@ class _Live:
         self.inflight = inflight
         self.relay_channels = relay_channels
 
-    def describe(self):  # noqa: D102 - the collector protocol
+    def describe(self):
         return []
 
-    def collect(self):  # noqa: D102
+    def collect(self):
         yield GaugeMetricFamily("stream_inflight_requests",
                                 "Chat completion requests in progress", value=self.inflight())
         channels = self.relay_channels()

@@ -35,6 +35,8 @@ from streamllm.config import (
 from streamllm.context.manager import ContextManager
 from streamllm.context.tokens import load_tokenizer
 from streamllm.errors import ConfigError, StreamError
+from streamllm.gateway.accounting import EVERYONE, Accounts
+from streamllm.gateway.metrics import Metrics
 from streamllm.hpc.control import ControlPlane, IdempotentSubmitter, make_control_plane
 from streamllm.hpc.worker import ping
 from streamllm.relay.server import RelayServer
@@ -44,8 +46,6 @@ from streamllm.routing.judge import Judge, build_judge
 from streamllm.routing.privacy import SensitiveDataDetector
 from streamllm.serving import ServerTask
 from streamllm.sim.app import Simulator
-from streamllm.gateway.accounting import EVERYONE, Accounts
-from streamllm.gateway.metrics import Metrics
 from streamllm.store import Store, StoreConfigError, conversations, default_url
 from streamllm.store.db import checked_url
 from streamllm.tiers import Backend, OpenAIHTTPBackend

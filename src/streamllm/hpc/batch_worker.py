@@ -72,7 +72,7 @@ def run_batch_chunk(job: dict[str, Any]) -> dict[str, Any]:
     counts = {"done": 0, "failed": 0}
 
     def abort_all() -> None:
-        for conn in list(conns):
+        for conn in conns:
             _abort(conn)
 
     relay.on_cancel = abort_all

@@ -18,5 +18,5 @@ class ErrorEnvelope(BaseModel):
     @classmethod
     def of(
         cls, message: str, type: str, param: str | None = None, code: str | int | None = None
-    ) -> "ErrorEnvelope":
+    ) -> ErrorEnvelope:
         return cls(error=ErrorBody(message=message, type=type, param=param, code=code))

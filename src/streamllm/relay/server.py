@@ -106,7 +106,7 @@ class RelayServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: Any = None,
-                    ssl: Any = None) -> "RelayServer":
+                    ssl: Any = None) -> RelayServer:
         kw: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
         self._server = await serve(
             self._handle,

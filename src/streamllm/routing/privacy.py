@@ -283,8 +283,7 @@ _EMAIL_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
 _EMAIL_LOCAL_MAX = 64  # RFC 5321
 # Not TLDs, but `name@2x.png`-style asset names and `file@rev.txt` look just like addresses.
 _FILE_EXTENSIONS = frozenset(
-    "png jpg jpeg gif svg webp bmp ico tif tiff heic pdf txt csv tsv json yaml yml log ipynb tex"
-    .split()
+    ["png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "tif", "tiff", "heic", "pdf", "txt", "csv", "tsv", "json", "yaml", "yml", "log", "ipynb", "tex"]
 )
 
 

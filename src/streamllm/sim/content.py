@@ -14,12 +14,7 @@ from typing import Any
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 # Words, not random bytes, so the demo reads like prose and stop sequences are easy to aim at.
-VOCABULARY = (
-    "the model routes each query to a tier that can answer it well while data stays inside "
-    "institution cluster relay stream token cost local cloud hpc job node queue window summary "
-    "context policy judge fast slow small large research compute answer result value simple "
-    "complex first next last step proof method data energy graph signal sample error rate time"
-).split()
+VOCABULARY = ["the", "model", "routes", "each", "query", "to", "a", "tier", "that", "can", "answer", "it", "well", "while", "data", "stays", "inside", "institution", "cluster", "relay", "stream", "token", "cost", "local", "cloud", "hpc", "job", "node", "queue", "window", "summary", "context", "policy", "judge", "fast", "slow", "small", "large", "research", "compute", "answer", "result", "value", "simple", "complex", "first", "next", "last", "step", "proof", "method", "data", "energy", "graph", "signal", "sample", "error", "rate", "time"]
 PER_MESSAGE_OVERHEAD = 4  # role and separators, roughly what chat templates add
 PER_IMAGE_TOKENS = 85
 

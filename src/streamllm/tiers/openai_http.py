@@ -26,8 +26,8 @@ from streamllm.errors import (
 )
 from streamllm.protocol.sse import SSEBytesDecoder
 from streamllm.tiers.base import Chunk, Dispatch, ProbeResult
-from streamllm.tiers.pump import Pump
 from streamllm.tiers.h1stream import H1StreamClient, StreamFailed, StreamResponse
+from streamllm.tiers.pump import Pump
 
 _CONTEXT_MARKERS = ("maximum context length", "context_length_exceeded", "context window")
 
@@ -151,7 +151,7 @@ class OpenAIHTTPBackend:
             raise self._failed("answered without choices")
         return data
 
-    async def _post_stream(self, body: dict[str, Any]) -> "_BodySource":
+    async def _post_stream(self, body: dict[str, Any]) -> _BodySource:
         payload = _json_bytes(body)
         if self._h1 is not None:
             try:

@@ -24,7 +24,7 @@ _FOLLOW_UP = re.compile(
     r"^\s*(and|also|but|then|now|so|what about|how about|same|why|how come|more|continue|"
     r"go on|elaborate|expand|again|the (first|second|third|last|other|above|previous)|"
     r"(do|can you do|what if) (it|that|this|the same))\b",
-    re.I,
+    re.IGNORECASE,
 )
 FOLLOW_UP_MAX_WORDS = 8
 

@@ -10,13 +10,14 @@ transfers to domains the training data never saw.
 from __future__ import annotations
 
 import re
+import itertools
 
 _CODE_FENCE = re.compile(r"```")
 _CODE_LINE = re.compile(r"^\s*(def |class |import |#include|for .* in |[a-z_]+\(.*\)\s*$)|[;{]\s*$",
-                        re.M)
+                        re.MULTILINE)
 _WORD = re.compile(r"[a-z][a-z']*|\d+(?:[.,]\d+)*|[?!=+*/^<>≤≥∑∫√∂]")
 _SENTENCE_END = re.compile(r"[.!?]+(\s|$)")
-_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.M)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 
 # A pasted attachment (a log, a data dump, a long code listing) must not decide the label: the
 # judge reads the start of the message, where people say what they want, and its end, where
@@ -81,6 +82,6 @@ def extract(text: str) -> list[str]:
         feats.append("w:" + w)
         if len(w) >= 6 and w[0].isalpha():
             feats.append("s:" + w[:5])
-    for a, b in zip(words, words[1:]):
+    for a, b in itertools.pairwise(words):
         feats.append("b:" + a + "_" + b)
     return list(dict.fromkeys(feats))

@@ -65,7 +65,7 @@ class LinearModel:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "LinearModel":
+    def from_json(cls, text: str) -> LinearModel:
         doc = json.loads(text)
         if doc.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported classifier model format {doc.get('format')!r}")
@@ -75,5 +75,5 @@ class LinearModel:
                    temperature=doc["temperature"], meta=doc.get("meta", {}))
 
     @classmethod
-    def load(cls, path: Path) -> "LinearModel":
+    def load(cls, path: Path) -> LinearModel:
         return cls.from_json(path.read_text(encoding="utf-8"))
