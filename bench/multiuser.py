@@ -93,7 +93,7 @@ def start_gateway(services: Services, name: str, sim: str, database_url: str,
     if with_key:
         made = subprocess.run([streamllm_exe(), "keys", "create", "--name", f"bench-{name}",
                                "--config", str(config)], capture_output=True, text=True,
-                              env=env, timeout=60)
+                              env=env, timeout=60, check=False)
         if made.returncode != 0:
             raise BenchError(f"keys create failed: {made.stderr}")
         headers["authorization"] = f"Bearer {made.stdout.strip()}"

@@ -97,7 +97,7 @@ def test_serve_uses_ollama_when_it_answers(start_sim):
 def test_serve_refuses_to_bind_beyond_loopback():
     proc = subprocess.run(
         [STREAMLLM, "serve", "--host", "0.0.0.0", "--port", str(closed_port())],
-        env=clean_env(), capture_output=True, text=True, timeout=30,
+        env=clean_env(), capture_output=True, text=True, timeout=30, check=False
     )
     assert proc.returncode == 2
     assert "refusing to bind 0.0.0.0" in proc.stderr
@@ -108,7 +108,7 @@ def test_serve_reports_invalid_config(tmp_path):
     bad.write_text("routing: {allow_clod: false}\n")
     proc = subprocess.run(
         [STREAMLLM, "serve", "--config", str(bad)], env=clean_env(),
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False
     )
     assert proc.returncode == 2
     assert "routing.allow_clod" in proc.stderr
@@ -133,13 +133,13 @@ def test_sim_command_serves_openai_api():
 def test_relay_command_serves_and_requires_a_secret():
     proc = subprocess.run(
         [STREAMLLM, "relay", "--port", str(closed_port())], env=clean_env(),
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False
     )
     assert proc.returncode == 2 and "secret" in proc.stderr
     proc = subprocess.run(
         [STREAMLLM, "relay", "--host", "0.0.0.0", "--port", str(closed_port())],
         env=clean_env(STREAMLLM_RELAY_SECRET="s" * 32), capture_output=True, text=True,
-        timeout=30,
+        timeout=30, check=False
     )
     assert proc.returncode == 2 and "without TLS" in proc.stderr
     port = closed_port()

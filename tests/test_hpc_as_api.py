@@ -107,7 +107,7 @@ def test_the_profile_refuses_to_start_without_keys(tmp_path):
         [STREAMLLM, "serve", "--port", str(closed_port())],
         env=clean_env(STREAMLLM_SERVER__PROFILE="hpc-as-api",
                       STREAMLLM_SERVER__DATA_DIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 2 and "requires API keys" in proc.stderr
 
@@ -139,7 +139,7 @@ def test_serving_beyond_loopback_needs_keys_and_is_allowed_with_them(tmp_path):
 def test_the_profile_starts_with_a_key_made_in_the_store(tmp_path):
     made = subprocess.run(
         [STREAMLLM, "keys", "create", "--name", "lab"], capture_output=True, text=True,
-        timeout=60, env=clean_env(STREAMLLM_SERVER__DATA_DIR=str(tmp_path)))
+        timeout=60, env=clean_env(STREAMLLM_SERVER__DATA_DIR=str(tmp_path)), check=False)
     assert made.returncode == 0, made.stderr
     app = create_app(profile(tmp_path))
     with ServerThread(app) as server:

@@ -143,7 +143,7 @@ def test_metrics_match_a_hand_computed_case():
 
 def test_judge_eval_prints_the_documented_json(tmp_path):
     out = subprocess.run([STREAMLLM, "judge", "eval", "--dataset", str(SMALL)],
-                         capture_output=True, text=True, timeout=60, env=clean_env(XDG_DATA_HOME=str(tmp_path)))
+                         capture_output=True, text=True, timeout=60, env=clean_env(XDG_DATA_HOME=str(tmp_path)), check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix",
@@ -164,14 +164,14 @@ def test_judge_eval_prints_the_documented_json(tmp_path):
 def test_judge_classify_and_bad_datasets(tmp_path):
     env = clean_env(XDG_DATA_HOME=str(tmp_path))
     out = subprocess.run([STREAMLLM, "judge", "classify", "thanks so much!"],
-                         capture_output=True, text=True, timeout=60, env=env)
+                         capture_output=True, text=True, timeout=60, env=env, check=False)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["label"] == "LOW" and set(doc["probabilities"]) == {"LOW", "MEDIUM", "HIGH"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hi", "ground_truth": "EASY"}\n')
     out = subprocess.run([STREAMLLM, "judge", "eval", "--dataset", str(bad)],
-                         capture_output=True, text=True, timeout=60, env=env)
+                         capture_output=True, text=True, timeout=60, env=env, check=False)
     assert out.returncode == 2 and "bad.jsonl:1" in out.stderr
 
 
@@ -182,7 +182,7 @@ def test_judge_train_writes_a_model_that_loads(tmp_path):
     model = tmp_path / "model.json"
     out = subprocess.run([STREAMLLM, "judge", "train", "--data", str(data), "--out", str(model),
                           "--no-cv"], capture_output=True, text=True, timeout=120,
-                         env=clean_env(XDG_DATA_HOME=str(tmp_path)))
+                         env=clean_env(XDG_DATA_HOME=str(tmp_path)), check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["examples"] == len(lines)
     trained = ClassifierJudge(LinearModel.load(model))
@@ -303,7 +303,7 @@ def test_judge_eval_with_the_llm_judge_asks_the_named_server(start_sim, tmp_path
     out = subprocess.run([STREAMLLM, "judge", "eval", "--dataset", str(SMALL), "--judge", "llm",
                           "--base-url", sim.url, "--model", "judge"],
                          capture_output=True, text=True, timeout=60,
-                         env=clean_env(XDG_DATA_HOME=str(tmp_path)))
+                         env=clean_env(XDG_DATA_HOME=str(tmp_path)), check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     n = len(load_examples(SMALL))

@@ -22,7 +22,7 @@ HARD = [{"role": "user", "content": "Design a fault-tolerant checkpointing schem
 
 def keys_cli(config, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([STREAMLLM, "keys", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, env=clean_env())
+                          capture_output=True, text=True, timeout=60, env=clean_env(), check=False)
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_serving_beyond_loopback_needs_a_key_and_starts_with_a_stored_one(server
 
     refused = subprocess.run(
         [STREAMLLM, "serve", "--host", "0.0.0.0", "--port", "0", "--config",
-         str(server.config)], capture_output=True, text=True, timeout=60, env=clean_env())
+         str(server.config)], capture_output=True, text=True, timeout=60, env=clean_env(), check=False)
     assert refused.returncode == 2 and "keys create" in refused.stderr
     server.key("--name", "ops")
     running = Running(["serve", "--host", "0.0.0.0", "--port", "0", "--config",

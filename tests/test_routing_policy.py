@@ -3,6 +3,8 @@ the reasons it gives."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from streamllm.config import Price, RoutingSettings
@@ -10,7 +12,6 @@ from streamllm.errors import CloudNotAllowed, ContextTooLong, ModelNotFound
 from streamllm.routing.budget import SpendLedger, cost_usd, effective_high_threshold
 from streamllm.routing.judge import Judgement
 from streamllm.routing.policy import RequestFacts, RoutingPolicy, level_for
-import itertools
 
 CATALOGUE = {"local": ["llama"], "hpc": ["big", "bigger"], "cloud": ["gpt"]}
 

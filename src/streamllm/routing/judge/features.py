@@ -9,8 +9,8 @@ transfers to domains the training data never saw.
 
 from __future__ import annotations
 
-import re
 import itertools
+import re
 
 _CODE_FENCE = re.compile(r"```")
 _CODE_LINE = re.compile(r"^\s*(def |class |import |#include|for .* in |[a-z_]+\(.*\)\s*$)|[;{]\s*$",
