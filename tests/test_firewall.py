@@ -12,6 +12,7 @@ cannot ask it: that is the point), one request at a time at temperature 0 with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -155,6 +156,29 @@ def blocked(host: str, port: int) -> bool:
     return False
 
 
+def hpc_only(cluster: dict[str, Any], data_dir: Path) -> Settings:
+    """A gateway whose only tier is `hpc`, with this one cluster (`walled`)."""
+    return Settings.model_validate({
+        "server": {"detect_ollama": False, "data_dir": str(data_dir)},
+        "tiers": {"hpc": {"kind": "hpc", "clusters": {"walled": cluster}},
+                  "local": {"enabled": False}, "cloud": {"enabled": False}},
+    })
+
+
+@contextlib.contextmanager
+def outside_the_wall(walled_box, walled_relay) -> Iterator[None]:
+    """The gateway's environment, for as long as it lives: the walled box's scheduler commands
+    first on PATH (the control planes run sbatch, squeue and scancel by name), whether or not
+    `slurm_box` (a session fixture) has put its own there before; and SSL_CERT_FILE naming the
+    site's CA, which the gateway's relay client and health probe trust, and so do the jobs'
+    workers (sbatch passes it on), as at a site with a CA of its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{walled_box.bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        mp.setenv("SSL_CERT_FILE", str(walled_relay.ca_file))
+        assert shutil.which("sbatch") == str(walled_box.bin / "sbatch")
+        yield
+
+
 @pytest.fixture(scope="module")
 def walled_gateway(walled_box, walled_model_server, walled_relay,
                    tmp_path_factory) -> Iterator[tuple[Any, str, dict[str, float]]]:
@@ -177,21 +201,8 @@ def walled_gateway(walled_box, walled_model_server, walled_relay,
                                  "init_blocks": 1, "min_blocks": 1, "max_blocks": 1},
         },
     }
-    settings = Settings.model_validate({
-        "server": {"detect_ollama": False, "data_dir": str(tmp)},
-        "tiers": {"hpc": {"kind": "hpc", "clusters": {"walled": cluster}},
-                  "local": {"enabled": False}, "cloud": {"enabled": False}},
-    })
-    # Parsl's SlurmProvider runs sbatch, squeue and scancel by name, for as long as the
-    # gateway lives: the walled box's come first, whether or not `slurm_box` (a session
-    # fixture) has put its own on PATH before.
-    # The gateway's relay client and health probe, and the jobs' workers (sbatch exports the
-    # submitter's environment), trust the relay's certificate through SSL_CERT_FILE, as at a
-    # site with a CA of its own.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATH", f"{walled_box.bin}{os.pathsep}{os.environ.get('PATH', '')}")
-        mp.setenv("SSL_CERT_FILE", str(walled_relay.ca_file))
-        assert shutil.which("sbatch") == str(walled_box.bin / "sbatch")
+    settings = hpc_only(cluster, tmp)
+    with outside_the_wall(walled_box, walled_relay):
         began = time.monotonic()
         app = create_app(settings)
         server = ServerThread(app).start(timeout=120)
@@ -293,14 +304,8 @@ def test_sbatch_per_request_through_the_login_node_streams_through_the_wall(
         "models": [MODEL_NAME],
         "slurm": {"partition": "gpu2", "poll_s": 0.5, "work_dir": str(tmp_path / "jobs")},
     }
-    settings = Settings.model_validate({
-        "server": {"detect_ollama": False, "data_dir": str(tmp_path)},
-        "tiers": {"hpc": {"kind": "hpc", "clusters": {"walled": cluster}},
-                  "local": {"enabled": False}, "cloud": {"enabled": False}},
-    })
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATH", f"{walled_box.bin}{os.pathsep}{os.environ.get('PATH', '')}")
-        mp.setenv("SSL_CERT_FILE", str(walled_relay.ca_file))
+    settings = hpc_only(cluster, tmp_path)
+    with outside_the_wall(walled_box, walled_relay):
         app = create_app(settings)
         server = ServerThread(app).start(timeout=120)
         try:
