@@ -48,6 +48,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import json
+import math
 import os
 import resource
 import secrets
@@ -638,7 +639,7 @@ async def gen_streams(relay: str, secret: bytes, relay_pid: int, concurrency: in
             producer, consumer = await _open_pair(relay, s)
             got: list[bytes] = []
 
-            async def send() -> None:
+            async def send(s: _Stream = s, producer: Any = producer) -> None:
                 for frame in s.frames:
                     await producer.send(frame)
                 await producer.send(s.final)
@@ -1000,7 +1001,7 @@ def summarise(samples: dict[str, list[Sample]], rate: float) -> dict[str, Any]:
 
 
 def _f(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None or x != x else f"{x:.{digits}f}"
+    return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
 def report_requests(summary: dict[str, Any], crypto: dict[str, float] | None) -> str:
