@@ -35,6 +35,7 @@ from streamllm.realmodel import MODEL_NAME
 from streamllm.serving import ServerThread
 from tests.conftest import hpc_ready, start_relay, until
 from tests.slurm_box import end_process
+from tests.test_slurm import body
 
 pytestmark = [pytest.mark.slurm, pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -114,11 +115,6 @@ def walled_relay(walled_box, tmp_path_factory) -> Iterator[Relay]:
         yield Relay(f"wss://{walled_box.host_address}:{port}", port, secret, ca)
     finally:
         end_process(process)
-
-
-def body(question: str, max_tokens: int = 40) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": question}], "temperature": 0,
-            "seed": 7, "max_tokens": max_tokens}
 
 
 def direct_answer_inside(box, model_server, question: str) -> str:

@@ -23,7 +23,6 @@ from typing import Any
 from streamllm.batch.runner import Chunk, LineError, LineResult
 from streamllm.errors import RelayError, TierNotAllowed, TierUnavailable
 from streamllm.hpc.batch_worker import run_batch_chunk
-from streamllm.hpc.control import JobOptions
 from streamllm.relay.crypto import Opener, Sealer
 from streamllm.relay.frames import Direction, FrameType
 from streamllm.tiers.federation import Cluster, FederatedHPCBackend
@@ -124,8 +123,7 @@ class HPCChunkRunner:
         link = None
         watcher = None
         try:
-            caller = chunk.caller.name if chunk.caller else None
-            options = JobOptions(caller=caller, account=backend.accounts.get(caller or ""))
+            options = backend.job_options(chunk.caller.name if chunk.caller else None)
             started = await asyncio.to_thread(backend.submitter.plane.start, run_batch_chunk,
                                               job, options=options)
             future = started.future

@@ -200,8 +200,7 @@ class GGUFTokenizer:
         self.llama = llama
         self._cache: dict[str, Encoding] = {}  # in use order, oldest first
         self._cached_chars = 0
-        self.chat_overhead: ChatOverhead | None = None
-        self.chat_overhead = self._measure_template()
+        self.chat_overhead: ChatOverhead | None = self._measure_template()
 
     @classmethod
     def load(cls, path: str, where: str) -> GGUFTokenizer:
@@ -279,9 +278,9 @@ class GGUFTokenizer:
             without_system = max(tokens("user") - k - by_role["user"] - priming, 0)
             # Whatever the template does by position that the measures above miss goes into
             # the priming, so that these conversations at least are never undercounted.
-            self.chat_overhead = ChatOverhead(max(by_role.values()), priming, by_role,
-                                              without_system)
             counter = TokenCounter(tokenizer=self)
+            counter.overhead = ChatOverhead(max(by_role.values()), priming, by_role,
+                                            without_system)
             short = max(tokens(*roles) - counter.count([{"role": r, "content": self.PROBE}
                                                         for r in roles])
                         for roles in (("user", "assistant", "user"),

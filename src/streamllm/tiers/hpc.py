@@ -112,10 +112,9 @@ class HPCRelayBackend:
             key = f"{dispatch.idempotency_key}:{digest}"
         else:
             key = channel
-        options = JobOptions(caller=dispatch.caller, account=self.accounts.get(
-            dispatch.caller or ""))
         try:
-            sub = self.submitter.submit(key, run_completion, job, options=options)
+            sub = self.submitter.submit(key, run_completion, job,
+                                        options=self.job_options(dispatch.caller))
         except Exception as e:  # the control plane is down or refused the job outright
             raise self._failed(f"control plane {self.submitter.plane.name} refused the job: "
                                f"{type(e).__name__}: {e}") from None
@@ -126,6 +125,10 @@ class HPCRelayBackend:
             # `scontrol show job` and the site's accounting call it.
             dispatch.headers["x-stream-hpc-job"] = sub.job_id
         return sub.future, sub.args[0], sub.started
+
+    def job_options(self, caller: str | None) -> JobOptions:
+        """What the scheduler is told of a job for `caller`: who, and the account to charge."""
+        return JobOptions(caller=caller, account=self.accounts.get(caller or ""))
 
     def new_channel(self) -> dict[str, Any]:
         """A fresh relay channel for a job of another kind (a batch chunk): its id, key,
